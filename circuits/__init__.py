@@ -1,0 +1,1 @@
+"""Circuit discovery: tasks, metrics, attribution methods, pruning and evaluation."""

@@ -1,0 +1,1 @@
+"""The ``circuits`` command line: thin click commands over the library."""

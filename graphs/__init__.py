@@ -1,0 +1,1 @@
+"""The computation DAG of a transformer and everything that is a graph."""

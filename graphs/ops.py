@@ -1,0 +1,171 @@
+"""The pieces of a decoder layer as pure functions of a ``ModelSpec`` and activations.
+
+Attention takes *per-head, per-slot* inputs (``[B, T, H, d]`` for each of q, k, v), because in the
+computation graph every head reads its own query, key and value input from the residual stream.
+When all heads share one input (``[B, T, d]``) a fast path computes the same thing with the
+model's fused projections.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from graphs.adapters.spec import AttentionSpec, MLPSpec, NormSpec
+
+
+def apply_norm(spec: NormSpec, x: Tensor) -> Tensor:
+    """LayerNorm / RMSNorm over the last dimension, following the HF modules' arithmetic."""
+    if spec.kind == "layernorm":
+        d = x.shape[-1]
+        return F.layer_norm(x, (d,), spec.weight, spec.bias, spec.eps)
+    dtype = x.dtype
+    h = x.float() if spec.upcast else x
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + spec.eps)
+    if spec.weight is None:
+        return h.to(dtype)
+    if spec.weight_offset:
+        return (h * (spec.weight_offset + spec.weight.float())).to(dtype)
+    return spec.weight * h.to(dtype)
+
+
+def _rotate_half(x: Tensor) -> Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate the leading ``cos.shape[-1]`` dims of every head. x: [B, T, H, d_head]; cos: [1|B, T, r]."""
+    r = cos.shape[-1]
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if r == x.shape[-1]:
+        return x * cos + _rotate_half(x) * sin
+    rot, keep = x[..., :r], x[..., r:]
+    return torch.cat((rot * cos + _rotate_half(rot) * sin, keep), dim=-1)
+
+
+def _project(x: Tensor, W: Tensor, b: Tensor | None, head_of: Tensor | None) -> Tensor:
+    """Per-head projection.
+
+    x: [B, T, H, d] (one input per query head) or [B, T, d] (shared); W: [Hw, d_head, d] with
+    ``head_of`` mapping each of the H query heads to a row of W (GQA). Returns [B, T, H, d_head].
+    """
+    if x.dim() == 3:
+        Hw, dh, d = W.shape
+        out = F.linear(x, W.reshape(Hw * dh, d), None if b is None else b.reshape(-1))
+        out = out.view(*x.shape[:-1], Hw, dh)  # [B, T, Hw, d_head]
+        return out if head_of is None else out[:, :, head_of]
+    Wh = W if head_of is None else W[head_of]  # [H, d_head, d]
+    out = torch.einsum("bthd,hed->bthe", x, Wh)
+    if b is not None:
+        out = out + (b if head_of is None else b[head_of])
+    return out
+
+
+def attention_mask(T: int, sliding_window: int | None, device: torch.device) -> Tensor:
+    """[T, T] bool: True where query i may attend to key j (causal, optionally windowed)."""
+    i = torch.arange(T, device=device)[:, None]
+    j = torch.arange(T, device=device)[None, :]
+    allowed = j <= i
+    if sliding_window is not None:
+        allowed &= (i - j) < sliding_window
+    return allowed
+
+
+def qkv(
+    spec: AttentionSpec,
+    norm: NormSpec,
+    x_q: Tensor,
+    x_k: Tensor,
+    x_v: Tensor,
+    rotary: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Queries, keys and values of every query head from (unnormalised) residual inputs.
+
+    Each x is [B, T, H, d] or a shared [B, T, d]. Returns three [B, T, H, d_head] tensors, keys
+    and values repeated for the query heads that share them.
+    """
+    group = spec.kv_group
+    head_of = None
+    if group > 1:
+        head_of = torch.arange(spec.n_heads, device=spec.W_Q.device) // group
+    q = _project(apply_norm(norm, x_q), spec.W_Q, spec.b_Q, None)
+    k = _project(apply_norm(norm, x_k), spec.W_K, spec.b_K, head_of)
+    v = _project(apply_norm(norm, x_v), spec.W_V, spec.b_V, head_of)
+    if spec.q_norm is not None:
+        q = apply_norm(spec.q_norm, q)
+    if spec.k_norm is not None:
+        k = apply_norm(spec.k_norm, k)
+    if rotary is not None and spec.rotary_dim > 0:
+        cos, sin = rotary
+        q = apply_rotary(q, cos, sin)
+        k = apply_rotary(k, cos, sin)
+    return q, k, v
+
+
+def attention_scores(spec: AttentionSpec, q: Tensor, k: Tensor) -> Tensor:
+    """Masked pre-softmax scores [B, H, T, T] (scaled, soft-capped, -inf where not allowed)."""
+    scores = torch.einsum("bqhe,bkhe->bhqk", q, k) * spec.scale
+    if spec.softcap is not None:
+        scores = torch.tanh(scores / spec.softcap) * spec.softcap
+    allowed = attention_mask(q.shape[1], spec.sliding_window, q.device)
+    return scores.masked_fill(~allowed, float("-inf"))
+
+
+def attention_pattern(spec: AttentionSpec, q: Tensor, k: Tensor) -> Tensor:
+    """Softmax attention pattern [B, H, T_q, T_k] (computed in float32 like HF, then cast)."""
+    return torch.softmax(attention_scores(spec, q, k), dim=-1, dtype=torch.float32).to(q.dtype)
+
+
+def attend(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Mixed values z [B, T, H, d_head]."""
+    if spec.softcap is None:
+        T = q.shape[1]
+        window = spec.sliding_window is not None and T > spec.sliding_window
+        mask = attention_mask(T, spec.sliding_window, q.device) if window else None
+        z = F.scaled_dot_product_attention(
+            q.transpose(1, 2),
+            k.transpose(1, 2),
+            v.transpose(1, 2),
+            attn_mask=mask,
+            is_causal=mask is None,
+            scale=spec.scale,
+        )  # [B, H, T, d_head]
+        return z.transpose(1, 2)
+    pattern = attention_pattern(spec, q, k)  # [B, H, T, T]
+    return torch.einsum("bhqk,bkhe->bqhe", pattern, v)
+
+
+def head_outputs(spec: AttentionSpec, z: Tensor) -> Tensor:
+    """What each head writes to the residual stream: z_h @ W_O[h], [B, T, H, d] (no b_O)."""
+    return torch.einsum("bthe,hed->bthd", z, spec.W_O)
+
+
+def attention_heads(
+    spec: AttentionSpec,
+    norm: NormSpec,
+    x_q: Tensor,
+    x_k: Tensor,
+    x_v: Tensor,
+    rotary: tuple[Tensor, Tensor] | None,
+) -> Tensor:
+    """Per-head residual contributions [B, T, H, d] of one attention layer."""
+    q, k, v = qkv(spec, norm, x_q, x_k, x_v, rotary)
+    return head_outputs(spec, attend(spec, q, k, v))
+
+
+def mlp(spec: MLPSpec, norm: NormSpec, x: Tensor) -> Tensor:
+    """MLP output [B, T, d] from its (unnormalised) residual input [B, T, d]."""
+    h = apply_norm(norm, x)
+    pre = F.linear(h, spec.W_in, spec.b_in)
+    act = spec.act(pre)
+    if spec.W_up is not None:
+        act = act * F.linear(h, spec.W_up, spec.b_up)
+    return F.linear(act, spec.W_out, spec.b_out)
+
+
+def default_scale(d_head: int) -> float:
+    return 1.0 / math.sqrt(d_head)
