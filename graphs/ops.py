@@ -23,12 +23,15 @@ def apply_norm(spec: NormSpec, x: Tensor) -> Tensor:
         d = x.shape[-1]
         return F.layer_norm(x, (d,), spec.weight, spec.bias, spec.eps)
     dtype = x.dtype
-    h = x.float() if spec.upcast else x
+    # HF computes RMSNorm in float32; we compute in *at least* float32 (float64 stays float64,
+    # which keeps finite-difference checks meaningful; fp32 results are identical to HF's).
+    wide = torch.promote_types(dtype, torch.float32) if spec.upcast else dtype
+    h = x.to(wide)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + spec.eps)
     if spec.weight is None:
         return h.to(dtype)
     if spec.weight_offset:
-        return (h * (spec.weight_offset + spec.weight.float())).to(dtype)
+        return (h * (spec.weight_offset + spec.weight.to(wide))).to(dtype)
     return spec.weight * h.to(dtype)
 
 

@@ -125,12 +125,14 @@ class _DeltaMixer:
     """Accumulates ``sum_u M[u, r] (A_u - a_u)`` for the receivers of each layer, block by block.
 
     Sender blocks are the input, then each layer's heads and MLP, in topological order; each block
-    holds ``D = A - a`` for its senders. Blocks whose mask entries are all zero are skipped.
+    holds ``D = A - a`` for its senders. Blocks whose mask entries are all zero are skipped unless
+    the mask itself needs a gradient.
     """
 
     def __init__(self, mask: Tensor, values: Tensor) -> None:
         self.mask = mask
         self.values = values
+        self.skip_zeros = not mask.requires_grad  # a zero block still matters for d/d mask
         self.blocks: list[tuple[int, Tensor]] = []  # (first sender index, D [B, T, k, d])
 
     def add(self, start: int, outputs: Tensor) -> None:
@@ -147,12 +149,12 @@ class _DeltaMixer:
                 continue
             if self.mask.dim() == 2:
                 m = self.mask[start:stop, receivers]  # [k, R_block]
-                if not bool(m.any()):
+                if self.skip_zeros and not bool(m.any()):
                     continue
                 part = torch.einsum("btsd,sr->btrd", D[:, :, : stop - start], m)
             else:
                 m = self.mask[:, start:stop, receivers]  # [B, k, R_block]
-                if not bool(m.any()):
+                if self.skip_zeros and not bool(m.any()):
                     continue
                 part = torch.einsum("btsd,bsr->btrd", D[:, :, : stop - start], m)
             total = part if total is None else total + part

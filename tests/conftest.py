@@ -1,0 +1,141 @@
+"""Shared fixtures: tiny random models, one per architecture family, built from configs (no download)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+import torch
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    PreTrainedModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+VOCAB = 101
+
+
+def _gpt2() -> PreTrainedModel:
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=3, n_head=5, n_embd=40, vocab_size=VOCAB, n_positions=64, initializer_range=0.1)
+    )
+
+
+def _llama_gqa() -> PreTrainedModel:
+    cfg = LlamaConfig(
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        hidden_size=48,
+        intermediate_size=56,
+        vocab_size=VOCAB,
+        initializer_range=0.1,
+        tie_word_embeddings=False,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _llama_mqa() -> PreTrainedModel:
+    cfg = LlamaConfig(
+        num_hidden_layers=2,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        hidden_size=40,
+        intermediate_size=48,
+        vocab_size=VOCAB,
+        initializer_range=0.1,
+        tie_word_embeddings=True,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def _mistral() -> PreTrainedModel:
+    cfg = MistralConfig(
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=3,
+        hidden_size=48,
+        intermediate_size=40,
+        vocab_size=VOCAB,
+        sliding_window=4,
+        initializer_range=0.1,
+        head_dim=8,
+    )
+    return MistralForCausalLM(cfg)
+
+
+def _qwen2() -> PreTrainedModel:
+    cfg = Qwen2Config(
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        hidden_size=48,
+        intermediate_size=40,
+        vocab_size=VOCAB,
+        initializer_range=0.1,
+    )
+    model = Qwen2ForCausalLM(cfg)
+    with torch.no_grad():  # HF initialises biases to zero; make them matter
+        for layer in model.model.layers:
+            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                proj.bias.normal_(0, 0.3)
+    return model
+
+
+def _neox(parallel: bool) -> Callable[[], PreTrainedModel]:
+    def build() -> PreTrainedModel:
+        cfg = GPTNeoXConfig(
+            num_hidden_layers=3,
+            num_attention_heads=5,
+            hidden_size=40,
+            intermediate_size=56,
+            vocab_size=VOCAB,
+            rotary_pct=0.25,
+            use_parallel_residual=parallel,
+            initializer_range=0.1,
+        )
+        return GPTNeoXForCausalLM(cfg)
+
+    return build
+
+
+TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
+    "gpt2": _gpt2,
+    "llama-gqa": _llama_gqa,
+    "llama-mqa": _llama_mqa,
+    "mistral-window": _mistral,
+    "qwen2-bias": _qwen2,
+    "neox-parallel": _neox(True),
+    "neox-sequential": _neox(False),
+}
+
+
+def make_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A tiny random model of one family, in eval mode, deterministic in ``seed``."""
+    torch.manual_seed(seed)
+    model = TINY_MODELS[name]().to(dtype)
+    model.eval()
+    return model
+
+
+@pytest.fixture(params=sorted(TINY_MODELS))
+def tiny_name(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture
+def tiny_model(tiny_name: str) -> PreTrainedModel:
+    return make_tiny(tiny_name)
+
+
+def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, length), generator=gen)

@@ -1,0 +1,195 @@
+"""Runtime semantics beyond the exactness contract: masks, ablation values, gradients, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphs import runtime as rt
+from graphs.adapters import build_spec
+from graphs.adapters.spec import ModelSpec
+from graphs.ids import Slot
+from tests.conftest import make_tiny, random_ids
+
+
+def _spec(name: str = "llama-gqa", dtype: torch.dtype = torch.float32) -> ModelSpec:
+    return build_spec(make_tiny(name, dtype=dtype))
+
+
+def _constants(spec: ModelSpec, T: int) -> torch.Tensor:
+    """c_logits: what the logits receiver reads besides senders (positions and output biases)."""
+    c = torch.zeros(T, spec.d_model, dtype=spec.dtype)
+    if spec.W_pos is not None:
+        c = c + spec.W_pos[:T]
+    for layer in spec.layers:
+        if layer.attn.b_O is not None:
+            c = c + layer.attn.b_O
+    return c
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "qwen2-bias"])
+def test_senders_sum_to_final_residual(name: str) -> None:
+    """The residual-stream rewrite: logits = unembed(c + sum of every sender's output)."""
+    spec = _spec(name)
+    ids = random_ids(2, 8)
+    with torch.no_grad():
+        out = rt.run(spec, ids, keep_senders=True)
+        rebuilt = rt.unembed(spec, out.senders.sum(2) + _constants(spec, 8))
+        embedded = rt.embed(spec, ids)
+    assert torch.allclose(rebuilt, out.logits, atol=1e-4)
+    assert torch.equal(out.senders[:, :, 0], embedded)
+
+
+def test_per_row_masks_equal_separate_runs() -> None:
+    spec = _spec()
+    g = spec.graph
+    clean, corrupted = random_ids(1, 9, seed=1), random_ids(1, 9, seed=2)
+    values = rt.corrupted_values(spec, corrupted)
+    gen = torch.Generator().manual_seed(0)
+    masks = (torch.rand(3, g.n_senders, g.n_receivers, generator=gen) < 0.3).float()
+    with torch.no_grad():
+        batched = rt.run(spec, clean.expand(3, -1), mask=masks, ablation=values).logits
+        for i in range(3):
+            single = rt.run(spec, clean, mask=masks[i], ablation=values).logits
+            assert torch.allclose(batched[i], single[0], atol=1e-5)
+    assert not torch.allclose(batched[0], batched[1], atol=1e-3)
+
+
+def test_fractional_mask_on_logits_interpolates_residuals() -> None:
+    """With only the edges into logits ablated by a fraction f, the final residual is the clean one
+    moved a fraction f of the way to the corrupted one (all constants cancel)."""
+    spec = _spec("gpt2")
+    g = spec.graph
+    clean, corrupted = random_ids(2, 8, seed=3), random_ids(2, 8, seed=4)
+    values = rt.corrupted_values(spec, corrupted)
+    f = 0.3
+    mask = torch.zeros(g.n_senders, g.n_receivers)
+    mask[:, g.logits_receiver] = f
+    c = _constants(spec, 8)
+    with torch.no_grad():
+        ours = rt.run(spec, clean, mask=mask, ablation=values).logits
+        clean_res = rt.sender_outputs(spec, clean).sum(2) + c
+        corr_res = values.values.sum(2) + c
+        expected = rt.unembed(spec, clean_res + f * (corr_res - clean_res))
+    assert torch.allclose(ours, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-mqa"])
+def test_zero_ablating_everything_leaves_only_constants(name: str) -> None:
+    spec = _spec(name)
+    ids = random_ids(2, 7)
+    with torch.no_grad():
+        out = rt.run(spec, ids, mask=spec.graph.edge_mask, ablation=rt.zero_values(spec)).logits
+    expected = rt.unembed(spec, _constants(spec, 7)).expand_as(out)
+    assert torch.allclose(out, expected, atol=1e-5)
+
+
+def test_mean_values_are_masked_means_over_real_tokens() -> None:
+    spec = _spec()
+    ids = random_ids(5, 8, seed=9)
+    lengths = torch.tensor([8, 3, 5, 8, 1])
+    cache = rt.sender_outputs(spec, ids)  # [5, 8, S, d]
+    keep = torch.arange(8)[None, :] < lengths[:, None]
+    flat = torch.cat([cache[b, : int(lengths[b])] for b in range(5)], dim=0)  # [tokens, S, d]
+    mean = rt.mean_values(spec, ids, lengths, chunk_size=2)
+    assert mean.values.shape == (1, 1, spec.graph.n_senders, spec.d_model)
+    assert torch.allclose(mean.values[0, 0], flat.mean(0), atol=1e-5)
+    pos = rt.mean_values(spec, ids, lengths, positional=True, chunk_size=3)
+    assert pos.values.shape == (1, 8, spec.graph.n_senders, spec.d_model)
+    for t in (0, 2, 6):
+        rows = keep[:, t]
+        assert torch.allclose(pos.values[0, t], cache[rows, t].mean(0), atol=1e-5)
+
+
+def test_read_positions_pick_the_same_logits() -> None:
+    spec = _spec("neox-sequential")
+    ids = random_ids(3, 9)
+    where = torch.tensor([8, 2, 5])
+    with torch.no_grad():
+        full = rt.run(spec, ids).logits
+        picked = rt.run(spec, ids, read_positions=where).logits
+    assert torch.allclose(picked, full[torch.arange(3), where], atol=1e-6)
+
+
+def test_input_embedding_override() -> None:
+    spec = _spec("gpt2")
+    ids = random_ids(2, 6)
+    with torch.no_grad():
+        a = rt.run(spec, ids).logits
+        b = rt.run(spec, ids, input_embeddings=rt.embed(spec, ids)).logits
+        c = rt.run(spec, ids, input_embeddings=torch.zeros(2, 6, spec.d_model)).logits
+    assert torch.equal(a, b)
+    assert not torch.allclose(a, c)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel"])
+def test_receiver_gradients_match_mask_gradients(name: str) -> None:
+    """d m / d M[u, r] = sum_{b,t} (A_u - a_u) . d m / d in_r : the runtime's receiver gradients
+    agree with autograd through the mask itself (this is the EAP identity)."""
+    spec = _spec(name, torch.float64)
+    g = spec.graph
+    clean, corrupted = random_ids(2, 7, seed=5), random_ids(2, 7, seed=6)
+    values = rt.corrupted_values(spec, corrupted)
+    metric = lambda lo: lo[:, -1, 3].sum() - lo[:, -1, 5].sum()  # noqa: E731
+    _, grads = rt.receiver_gradients(spec, clean, metric)  # [B, T, R, d]
+    deltas = values.values - rt.sender_outputs(spec, clean)  # [B, T, S, d]
+    predicted = torch.einsum("btsd,btrd->sr", deltas, grads) * g.edge_mask
+
+    mask = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, requires_grad=True)
+    value = metric(rt.run(spec, clean, mask=mask, ablation=values).logits)
+    (through_mask,) = torch.autograd.grad(value, mask)
+    assert torch.allclose(predicted, through_mask * g.edge_mask, atol=1e-9, rtol=1e-7)
+    assert predicted.abs().max() > 1e-3
+
+
+def test_receiver_gradients_match_finite_differences() -> None:
+    spec = _spec("qwen2-bias", torch.float64)
+    g = spec.graph
+    clean, corrupted = random_ids(2, 6, seed=7), random_ids(2, 6, seed=8)
+    values = rt.corrupted_values(spec, corrupted)
+    metric = lambda lo: lo[:, -1].log_softmax(-1)[:, 7].sum()  # noqa: E731
+    _, grads = rt.receiver_gradients(spec, clean, metric)
+    deltas = values.values - rt.sender_outputs(spec, clean)
+    eps = 1e-5
+    gen = torch.Generator().manual_seed(1)
+    edges = list(g.edges())
+    for k in torch.randint(0, len(edges), (12,), generator=gen).tolist():
+        s, r = g.edge_index(edges[k])
+        mask = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+        mask[s, r] = eps
+        with torch.no_grad():
+            up = metric(rt.run(spec, clean, mask=mask, ablation=values).logits)
+            down = metric(rt.run(spec, clean, mask=-mask, ablation=values).logits)
+        fd = (up - down) / (2 * eps)
+        analytic = (deltas[:, :, s] * grads[:, :, r]).sum()
+        assert torch.isclose(fd, analytic, atol=1e-6, rtol=1e-5), str(edges[k])
+
+
+def test_slot_gradients_are_separate() -> None:
+    """q, k and v slots of one head read the same value but get different gradients."""
+    spec = _spec("gpt2")
+    g = spec.graph
+    _, grads = rt.receiver_gradients(spec, random_ids(2, 6), lambda lo: lo[:, -1, 1].sum())
+    q = grads[:, :, g.slot_receiver(1, 2, Slot.Q)]
+    k = grads[:, :, g.slot_receiver(1, 2, Slot.K)]
+    v = grads[:, :, g.slot_receiver(1, 2, Slot.V)]
+    assert not torch.allclose(q, k) and not torch.allclose(k, v)
+
+
+def test_bad_inputs_have_clear_errors() -> None:
+    spec = _spec("gpt2")
+    g = spec.graph
+    ids = random_ids(2, 6)
+    values = rt.corrupted_values(spec, random_ids(2, 6, seed=3))
+    with pytest.raises(rt.RuntimeInputError, match="senders x receivers"):
+        rt.run(spec, ids, mask=torch.zeros(3, 3), ablation=values)
+    with pytest.raises(rt.RuntimeInputError, match="ablation values"):
+        rt.run(spec, ids, mask=g.edge_mask)
+    with pytest.raises(rt.RuntimeInputError, match="token length"):
+        rt.run(spec, ids, mask=g.edge_mask, ablation=rt.corrupted_values(spec, random_ids(2, 7)))
+    with pytest.raises(rt.RuntimeInputError, match="token ids"):
+        rt.run(spec, torch.full((1, 3), 10_000))
+    with pytest.raises(rt.RuntimeInputError, match="exceeds"):
+        rt.run(spec, torch.zeros(1, 65, dtype=torch.long))
+    with pytest.raises(rt.RuntimeInputError, match="non-empty"):
+        rt.mean_values(spec, torch.zeros(0, 4, dtype=torch.long))
