@@ -151,15 +151,15 @@ class Experiment:
 
     @torch.no_grad()
     def masked_metrics(self, batch: PreparedBatch, masks: Tensor) -> Tensor:
-        """Per-prompt metrics [K, B] for K masks [K, S, R], run as one batch of K*B rows."""
+        """Per-prompt metrics [K, B] for K masks [K, S, R], run as one grid of K x B rows
+        (the batch's ablation values are shared by the K groups, not copied)."""
         K, B = masks.shape[0], batch.size
-        ids = batch.clean_ids.repeat(K, 1)  # [K*B, T], mask k covers rows k*B..(k+1)*B
-        per_row = masks.repeat_interleave(B, dim=0)  # [K*B, S, R]
-        values = batch.ablation
-        if values.values.shape[0] > 1:
-            values = rt.AblationValues(values.kind, values.values.repeat(K, 1, 1, 1))
         logits = rt.run(
-            self.spec, ids, mask=per_row, ablation=values, read_positions=batch.read_positions.repeat(K)
+            self.spec,
+            batch.clean_ids.repeat(K, 1),  # [K*B, T]: group k holds the batch's prompts
+            mask=masks,
+            ablation=batch.ablation,
+            read_positions=batch.read_positions.repeat(K),
         ).logits  # [K*B, V]
         return batch.score(logits.view(K, B, -1))
 

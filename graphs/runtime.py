@@ -26,6 +26,9 @@ from torch import Tensor
 
 from graphs import ops
 from graphs.adapters.spec import ModelSpec
+from graphs.interventions import DenseMixer, SenderDeltas, SparseEdits, SparseMixer
+
+__all__ = ["AblationValues", "Checkpoint", "CleanRun", "RunOutput", "SparseEdits", "run"]
 
 
 class RuntimeInputError(ValueError):
@@ -73,6 +76,7 @@ class RunOutput:
     logits: Tensor  # [B, T, V], or [B, V] at ``read_positions``
     senders: Tensor | None = None  # [B, T, S, d] every sender's output in this run
     receivers: ReceiverInputs | None = None
+    resid: Tensor | None = None  # [L+1, B, T, d] each layer's incoming residual, then the final one
 
 
 def positions_for(spec: ModelSpec, T: int) -> Tensor:
@@ -101,64 +105,72 @@ def unembed(spec: ModelSpec, resid: Tensor) -> Tensor:
     return logits
 
 
-def _check_mask(spec: ModelSpec, mask: Tensor, B: int) -> Tensor:
+def _groups(B: int, mask: Tensor | None, start: Checkpoint | None, value_rows: int) -> tuple[int, int]:
+    """(K row groups, P prompts per group) of a batch of B rows (row = k * P + p).
+
+    Masks [K, S, R] fix K; a checkpoint of P prompts fixes P; otherwise ablation values with one
+    entry per prompt (1 < rows < B) fix P, so K groups of edits share the prompts' values."""
+    if start is not None:
+        P = start.resid.shape[0]
+        if B % P:
+            raise RuntimeInputError(f"{B} rows do not tile the checkpoint's {P} prompts")
+        K = B // P
+        if mask is not None and mask.dim() == 3 and mask.shape[0] != K:
+            raise RuntimeInputError(f"with a checkpoint of {P} prompts and {B} rows, masks must be [{K}, S, R]")
+        return K, P
+    if mask is not None and mask.dim() == 3:
+        K = mask.shape[0]
+        if K == 0 or B % K:
+            raise RuntimeInputError(f"{K} masks do not divide {B} rows (rows are K groups of P prompts)")
+        return K, B // K
+    if 1 < value_rows < B and B % value_rows == 0:
+        return B // value_rows, value_rows
+    return 1, B
+
+
+def _check_mask(spec: ModelSpec, mask: Tensor) -> Tensor:
     S, R = spec.graph.n_senders, spec.graph.n_receivers
-    if mask.shape[-2:] != (S, R) or mask.dim() not in (2, 3) or (mask.dim() == 3 and mask.shape[0] != B):
+    if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (S, R):
         raise RuntimeInputError(
-            f"edge mask must be [{S}, {R}] or [{B}, {S}, {R}] (senders x receivers), got {tuple(mask.shape)}"
+            f"edge mask must be [{S}, {R}] or [K, {S}, {R}] (senders x receivers), got {tuple(mask.shape)}"
         )
     return mask.to(spec.dtype) if mask.dtype == torch.bool else mask
 
 
-def _check_values(spec: ModelSpec, values: AblationValues, B: int, T: int) -> Tensor:
+def _check_values(spec: ModelSpec, values: AblationValues, K: int, P: int, T: int) -> Tensor:
     v = values.values
     S, d = spec.graph.n_senders, spec.d_model
-    if v.dim() != 4 or v.shape[2:] != (S, d) or v.shape[0] not in (1, B) or v.shape[1] not in (1, T):
+    if v.dim() != 4 or v.shape[2:] != (S, d) or v.shape[0] not in (1, P, K * P) or v.shape[1] not in (1, T):
         raise RuntimeInputError(
-            f"ablation values must be [1|{B}, 1|{T}, {S}, {d}], got {tuple(v.shape)}"
+            f"ablation values must be [1|{P}|{K * P}, 1|{T}, {S}, {d}], got {tuple(v.shape)}"
             " (corrupted prompts must have the clean prompts' token length)"
         )
     return v
 
 
-class _DeltaMixer:
-    """Accumulates ``sum_u M[u, r] (A_u - a_u)`` for the receivers of each layer, block by block.
+@dataclass(frozen=True)
+class Checkpoint:
+    """A clean run's state just before ``layer``'s attention, to run only the rest of the network.
 
-    Sender blocks are the input, then each layer's heads and MLP, in topological order; each block
-    holds ``D = A - a`` for its senders. Blocks whose mask entries are all zero are skipped unless
-    the mask itself needs a gradient.
-    """
+    Edge interventions whose receivers all lie at or after ``layer`` leave everything before it
+    clean, so their runs can start here (edge patching and ACDC spend most passes this way)."""
 
-    def __init__(self, mask: Tensor, values: Tensor) -> None:
-        self.mask = mask
-        self.values = values
-        self.skip_zeros = not mask.requires_grad  # a zero block still matters for d/d mask
-        self.blocks: list[tuple[int, Tensor]] = []  # (first sender index, D [B, T, k, d])
+    layer: int
+    resid: Tensor  # [P, T, d] residual stream before layer ``layer``
+    senders: Tensor  # [P, T, S_up, d] outputs of the senders upstream of that layer
 
-    def add(self, start: int, outputs: Tensor) -> None:
-        """Register senders ``start .. start+k`` with their outputs [B, T, k, d] in this run."""
-        k = outputs.shape[2]
-        self.blocks.append((start, self.values[:, :, start : start + k] - outputs))
 
-    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
-        """[B, T, R_block, d] for the receivers ``receivers``, whose upstream is senders < n_upstream."""
-        total: Tensor | None = None
-        for start, D in self.blocks:
-            stop = min(start + D.shape[2], n_upstream)
-            if stop <= start:
-                continue
-            if self.mask.dim() == 2:
-                m = self.mask[start:stop, receivers]  # [k, R_block]
-                if self.skip_zeros and not bool(m.any()):
-                    continue
-                part = torch.einsum("btsd,sr->btrd", D[:, :, : stop - start], m)
-            else:
-                m = self.mask[:, start:stop, receivers]  # [B, k, R_block]
-                if self.skip_zeros and not bool(m.any()):
-                    continue
-                part = torch.einsum("btsd,bsr->btrd", D[:, :, : stop - start], m)
-            total = part if total is None else total + part
-        return total
+@dataclass(frozen=True)
+class CleanRun:
+    """Every layer's incoming residual and every sender's output of one clean run (for checkpoints)."""
+
+    resid: Tensor  # [L+1, P, T, d]: before each layer's attention, then the final residual
+    senders: Tensor  # [P, T, S, d]
+    logits: Tensor
+
+    def at(self, spec: ModelSpec, layer: int) -> Checkpoint:
+        n = spec.graph.attention_upstream(layer) if layer < spec.n_layers else spec.graph.n_senders
+        return Checkpoint(layer, self.resid[layer], self.senders[:, :, :n])
 
 
 def run(
@@ -166,45 +178,78 @@ def run(
     input_ids: Tensor,
     *,
     mask: Tensor | None = None,
+    edits: SparseEdits | None = None,
     ablation: AblationValues | None = None,
     read_positions: Tensor | None = None,
     input_embeddings: Tensor | None = None,
+    start: Checkpoint | None = None,
     keep_senders: bool = False,
     keep_receivers: bool = False,
+    keep_resid: bool = False,
 ) -> RunOutput:
     """Run the DAG on ``input_ids`` [B, T] (right-padded; causal attention makes padding inert).
 
-    ``mask``/``ablation``: edge interventions (see the module docstring). ``read_positions`` [B]:
-    compute logits only there. ``input_embeddings`` [B, T, d]: replaces the ``input`` sender's output
-    (e.g. for integrated gradients). ``keep_senders``: return every sender's output [B, T, S, d].
-    ``keep_receivers``: return the tensors each receiver read, as distinct autograd nodes, so
-    ``torch.autograd.grad`` gives the gradient with respect to each receiver's input separately.
+    ``mask`` [S, R] (shared) or [K, S, R] (rows are K groups of B/K prompts) with ``ablation``
+    values [1|P|B, 1|T, S, d]: edge interventions (see the module docstring); or ``edits``: a few
+    edges per row. ``read_positions`` [B]: compute logits only there. ``input_embeddings``
+    [B, T, d]: replaces the ``input`` sender's output (integrated gradients). ``start``: resume from
+    a clean ``Checkpoint`` of P prompts (rows are K groups of those P prompts; ``input_ids`` only
+    give the shape). ``keep_senders``: every sender's output [B, T, S, d]; ``keep_receivers``: the
+    tensors each receiver read, as separate autograd nodes (for gradients); ``keep_resid``: each
+    layer's incoming residual.
     """
     g = spec.graph
     H, d = g.n_heads, spec.d_model
     B, T = input_ids.shape
-    mixer: _DeltaMixer | None = None
+    if mask is not None and edits is not None:
+        raise RuntimeInputError("give either a dense mask or sparse edits, not both")
     if mask is not None:
+        mask = _check_mask(spec, mask)
+    K, P = _groups(B, mask, start, 0 if ablation is None else ablation.values.shape[0])
+    store: SenderDeltas | None = None
+    mixer: DenseMixer | SparseMixer | None = None
+    if mask is not None or edits is not None:
         if ablation is None:
-            raise RuntimeInputError("an edge mask needs ablation values (what ablated edges carry)")
-        mixer = _DeltaMixer(_check_mask(spec, mask, B), _check_values(spec, ablation, B, T))
+            raise RuntimeInputError("an edge intervention needs ablation values (what ablated edges carry)")
+        store = SenderDeltas(_check_values(spec, ablation, K, P, T), K, P)
+        if mask is not None:
+            mixer = DenseMixer(g, mask, store, T)
+        else:
+            assert edits is not None
+            mixer = SparseMixer(g, edits, store, B, T)
+    first = 0 if start is None else start.layer
+    if start is not None and (keep_senders or keep_receivers or input_embeddings is not None):
+        raise RuntimeInputError("a run resumed from a checkpoint cannot keep senders/receivers or replace inputs")
+    if start is not None:
+        _check_nothing_before(spec, mask, edits, first)
 
-    x_in = embed(spec, input_ids) if input_embeddings is None else input_embeddings  # [B, T, d]
-    if x_in.shape != (B, T, d):
-        raise RuntimeInputError(f"input embeddings must be [{B}, {T}, {d}], got {tuple(x_in.shape)}")
-    if keep_receivers and torch.is_grad_enabled() and not x_in.requires_grad:
-        x_in = x_in.detach().requires_grad_(True)  # a leaf so autograd tracks the run (weights are detached)
     positions = positions_for(spec, T)
-    resid = x_in if spec.W_pos is None else x_in + spec.W_pos[:T]  # [B, T, d]
-    rotary = spec.rotary(x_in, positions) if spec.rotary is not None else None
+    sender_blocks: list[Tensor] = []
+    resids: list[Tensor] = []
+    if start is None:
+        x_in = embed(spec, input_ids) if input_embeddings is None else input_embeddings  # [B, T, d]
+        if x_in.shape != (B, T, d):
+            raise RuntimeInputError(f"input embeddings must be [{B}, {T}, {d}], got {tuple(x_in.shape)}")
+        if keep_receivers and torch.is_grad_enabled() and not x_in.requires_grad:
+            x_in = x_in.detach().requires_grad_(True)  # a leaf so autograd tracks the run (weights are detached)
+        resid = x_in if spec.W_pos is None else x_in + spec.W_pos[:T]  # [B, T, d]
+        sender_blocks.append(x_in[:, :, None, :])
+        if store is not None:
+            store.add(0, x_in[:, :, None, :])
+        like = x_in
+    else:
+        resid = start.resid.expand(K, *start.resid.shape).reshape(B, T, d)  # [B, T, d]
+        if store is not None:
+            _register_prefix(spec, store, start.senders, first)
+        like = start.resid
+    rotary = spec.rotary(like, positions) if spec.rotary is not None else None
 
-    sender_blocks: list[Tensor] = [x_in[:, :, None, :]]
-    if mixer is not None:
-        mixer.add(0, x_in[:, :, None, :])
     qkv_inputs: list[Tensor] = []
     mlp_inputs: list[Tensor] = []
-
-    for layer, lay in enumerate(spec.layers):
+    for layer in range(first, g.n_layers):
+        lay = spec.layers[layer]
+        if keep_resid:
+            resids.append(resid)
         # ---- attention: every head reads its own q, k, v input
         delta = None if mixer is None else mixer.delta(g.attention_upstream(layer), g.qkv_receivers(layer))
         if delta is not None:
@@ -225,30 +270,33 @@ def run(
             raise NotImplementedError("post-attention norms are handled by the Gemma runtime path")
         if lay.attn.b_O is not None:
             attn_out = attn_out + lay.attn.b_O
-        start = g.head_sender(layer, 0)
+        first_head = g.head_sender(layer, 0)
 
         # ---- MLP: sees this layer's heads unless the block is parallel
         if g.parallel_residual:
             base = resid
         else:
             base = resid + attn_out
-            if mixer is not None:
-                mixer.add(start, heads)
-        delta = None if mixer is None else mixer.delta(g.mlp_upstream(layer), slice(g.mlp_receiver(layer), g.mlp_receiver(layer) + 1))
+            if store is not None:
+                store.add(first_head, heads)
+        mlp_slice = slice(g.mlp_receiver(layer), g.mlp_receiver(layer) + 1)
+        delta = None if mixer is None else mixer.delta(g.mlp_upstream(layer), mlp_slice)
         mlp_in = base.view_as(base) if delta is None else base + delta[:, :, 0]
         if keep_receivers:
             mlp_inputs.append(mlp_in)
         mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)  # [B, T, d]
-        if mixer is not None:
+        if store is not None:
             if g.parallel_residual:
-                mixer.add(start, torch.cat((heads, mlp_out[:, :, None]), dim=2))
-            else:
-                mixer.add(start + H, mlp_out[:, :, None])
+                store.add(first_head, heads)
+            store.add(first_head + H, mlp_out[:, :, None])
         resid = (resid + attn_out + mlp_out) if g.parallel_residual else (base + mlp_out)
         if keep_senders:
             sender_blocks.append(torch.cat((heads, mlp_out[:, :, None]), dim=2))
 
-    delta = None if mixer is None else mixer.delta(g.n_senders, slice(g.logits_receiver, g.logits_receiver + 1))
+    if keep_resid:
+        resids.append(resid)
+    logits_slice = slice(g.logits_receiver, g.logits_receiver + 1)
+    delta = None if mixer is None else mixer.delta(g.n_senders, logits_slice)
     final = resid.view_as(resid) if delta is None else resid + delta[:, :, 0]  # [B, T, d]
     if read_positions is not None:
         logits = unembed(spec, final[torch.arange(B, device=final.device), read_positions])  # [B, V]
@@ -258,7 +306,35 @@ def run(
         logits=logits,
         senders=torch.cat(sender_blocks, dim=2) if keep_senders else None,
         receivers=ReceiverInputs(tuple(qkv_inputs), tuple(mlp_inputs), final) if keep_receivers else None,
+        resid=torch.stack(resids) if keep_resid else None,
     )
+
+
+def _register_prefix(spec: ModelSpec, store: SenderDeltas, senders: Tensor, layer: int) -> None:
+    """Add a checkpoint's clean sender outputs [P, T, S_up, d] to the store, block by block."""
+    g = spec.graph
+    store.add(0, senders[:, :, :1], shared=True)
+    for l in range(layer):
+        heads = g.attention_senders(l)
+        store.add(heads.start, senders[:, :, heads], shared=True)
+        store.add(g.mlp_sender(l), senders[:, :, g.mlp_sender(l) : g.mlp_sender(l) + 1], shared=True)
+
+
+def _check_nothing_before(spec: ModelSpec, mask: Tensor | None, edits: SparseEdits | None, layer: int) -> None:
+    """A resumed run cannot intervene on receivers before its start layer: refuse, never drop."""
+    first_receiver = spec.graph.qkv_receivers(layer).start if layer < spec.n_layers else spec.graph.logits_receiver
+    if mask is not None and bool((mask[..., :first_receiver] != 0).any()):
+        raise RuntimeInputError(f"the mask ablates edges into layers before the checkpoint's layer {layer}")
+    if edits is not None and edits.receivers.numel() and int(edits.receivers.min()) < first_receiver:
+        raise RuntimeInputError(f"edits ablate edges into layers before the checkpoint's layer {layer}")
+
+
+@torch.no_grad()
+def clean_run(spec: ModelSpec, input_ids: Tensor, read_positions: Tensor | None = None) -> CleanRun:
+    """A clean run that keeps what checkpoints need: every layer's residual and every sender."""
+    out = run(spec, input_ids, read_positions=read_positions, keep_senders=True, keep_resid=True)
+    assert out.senders is not None and out.resid is not None
+    return CleanRun(out.resid, out.senders, out.logits)
 
 
 # --------------------------------------------------------------------------- conveniences

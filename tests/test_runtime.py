@@ -193,3 +193,116 @@ def test_bad_inputs_have_clear_errors() -> None:
         rt.run(spec, torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(rt.RuntimeInputError, match="non-empty"):
         rt.mean_values(spec, torch.zeros(0, 4, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------- intervention forms
+
+
+def _paths_agree(spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor, values: rt.AblationValues) -> None:
+    """The fast mixer (active senders, complement sums) equals the plain differentiable einsum."""
+    with torch.no_grad():
+        fast = rt.run(spec, ids, mask=mask, ablation=values).logits
+    plain = rt.run(spec, ids, mask=mask.clone().requires_grad_(True), ablation=values).logits.detach()
+    assert torch.allclose(fast, plain, atol=1e-5), (fast - plain).abs().max()
+
+
+@pytest.mark.parametrize("density", [0.02, 0.5, 0.97])
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel"])
+def test_fast_mixer_equals_plain_einsum(name: str, density: float) -> None:
+    spec = _spec(name)
+    g = spec.graph
+    ids, corrupted = random_ids(4, 7, seed=11), random_ids(4, 7, seed=12)
+    values = rt.corrupted_values(spec, corrupted)
+    gen = torch.Generator().manual_seed(int(density * 100))
+    frac = torch.rand(g.n_senders, g.n_receivers, generator=gen)
+    mask = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < density) * frac
+    _paths_agree(spec, ids, mask, values)
+    grid = (torch.rand(2, g.n_senders, g.n_receivers, generator=gen) < density).float()
+    _paths_agree(spec, ids, grid, values)
+
+
+def test_grid_masks_equal_separate_runs() -> None:
+    """[K, S, R] masks over K groups of P prompts (values per prompt) = K separate shared-mask runs."""
+    spec = _spec("qwen2-bias")
+    g = spec.graph
+    P, K = 3, 2
+    ids, corrupted = random_ids(P, 8, seed=13), random_ids(P, 8, seed=14)
+    values = rt.corrupted_values(spec, corrupted)  # [P, T, S, d]: shared by the K groups
+    gen = torch.Generator().manual_seed(2)
+    masks = (torch.rand(K, g.n_senders, g.n_receivers, generator=gen) < 0.6).float()
+    with torch.no_grad():
+        grid = rt.run(spec, ids.repeat(K, 1), mask=masks, ablation=values).logits.view(K, P, 8, -1)
+        for k in range(K):
+            alone = rt.run(spec, ids, mask=masks[k], ablation=values).logits
+            assert torch.allclose(grid[k], alone, atol=1e-5)
+
+
+def test_sparse_edits_equal_one_hot_masks() -> None:
+    spec = _spec("llama-gqa")
+    g = spec.graph
+    P = 2
+    ids, corrupted = random_ids(P, 7, seed=15), random_ids(P, 7, seed=16)
+    values = rt.corrupted_values(spec, corrupted)
+    edges = [e for i, e in enumerate(g.edges()) if i % 37 == 0]
+    senders = torch.tensor([g.edge_index(e)[0] for e in edges])
+    receivers = torch.tensor([g.edge_index(e)[1] for e in edges])
+    edits = rt.SparseEdits.one_edge_per_row(senders, receivers, P)
+    masks = torch.zeros(len(edges), g.n_senders, g.n_receivers)
+    masks[torch.arange(len(edges)), senders, receivers] = 1.0
+    with torch.no_grad():
+        sparse = rt.run(spec, ids.repeat(len(edges), 1), edits=edits, ablation=values).logits
+        dense = rt.run(spec, ids.repeat(len(edges), 1), mask=masks, ablation=values).logits
+    assert torch.allclose(sparse, dense, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "llama-mqa"])
+def test_checkpoint_resume_equals_full_run(name: str) -> None:
+    spec = _spec(name)
+    g = spec.graph
+    P = 3
+    ids, corrupted = random_ids(P, 8, seed=17), random_ids(P, 8, seed=18)
+    values = rt.corrupted_values(spec, corrupted)
+    where = torch.tensor([7, 3, 5])
+    clean = rt.clean_run(spec, ids)
+    gen = torch.Generator().manual_seed(3)
+    for layer in range(g.n_layers + 1):
+        first = g.qkv_receivers(layer).start if layer < g.n_layers else g.logits_receiver
+        masks = (torch.rand(2, g.n_senders, g.n_receivers, generator=gen) < 0.4).float()
+        masks[:, :, :first] = 0
+        with torch.no_grad():
+            full = rt.run(spec, ids.repeat(2, 1), mask=masks, ablation=values, read_positions=where.repeat(2)).logits
+            resumed = rt.run(
+                spec, ids.repeat(2, 1), mask=masks, ablation=values, read_positions=where.repeat(2),
+                start=clean.at(spec, layer),
+            ).logits
+        assert torch.allclose(full, resumed, atol=1e-5), layer
+        # sparse edits resume too
+        s, r = torch.nonzero(masks[0] * g.edge_mask, as_tuple=True)
+        if s.numel():
+            edits = rt.SparseEdits(torch.zeros_like(s), s, r, torch.ones(s.numel()))
+            one = rt.run(spec, ids[:1], edits=edits, ablation=rt.AblationValues("c", values.values[:1]),
+                         start=rt.Checkpoint(layer, clean.resid[layer][:1], clean.senders[:1, :, : g.attention_upstream(layer) if layer < g.n_layers else g.n_senders]))
+            ref = rt.run(spec, ids[:1], mask=masks[0], ablation=rt.AblationValues("c", values.values[:1]))
+            assert torch.allclose(one.logits, ref.logits, atol=1e-5)
+
+
+def test_checkpoint_refuses_earlier_interventions() -> None:
+    spec = _spec("gpt2")
+    g = spec.graph
+    ids = random_ids(2, 6)
+    clean = rt.clean_run(spec, ids)
+    values = rt.corrupted_values(spec, random_ids(2, 6, seed=5))
+    mask = torch.zeros(g.n_senders, g.n_receivers)
+    mask[0, g.mlp_receiver(0)] = 1
+    with pytest.raises(rt.RuntimeInputError, match="before the checkpoint"):
+        rt.run(spec, ids, mask=mask, ablation=values, start=clean.at(spec, 1))
+
+
+def test_sparse_edits_must_be_edges() -> None:
+    spec = _spec("gpt2")
+    g = spec.graph
+    ids = random_ids(1, 5)
+    values = rt.corrupted_values(spec, random_ids(1, 5, seed=2))
+    bad = rt.SparseEdits(torch.tensor([0]), torch.tensor([g.mlp_sender(2)]), torch.tensor([g.mlp_receiver(0)]), torch.ones(1))
+    with pytest.raises(ValueError, match="not an edge"):
+        rt.run(spec, ids, edits=bad, ablation=values)

@@ -1,0 +1,216 @@
+"""Edge interventions for the runtime: ``sum_u M[u, r] (A_u - a_u)`` for every receiver ``r``.
+
+Rows of a run form a grid of ``K`` groups x ``P`` prompts (row ``k * P + p``): group ``k`` uses mask
+``k`` (or sparse edits name their rows directly), prompt ``p`` uses ablation values ``p``. A shared
+mask is ``K = 1``; one mask per row is ``P = 1``; "K masks over the same P prompts" is the grid
+used by evaluation curves and ACDC, without copying prompts' values K times.
+
+Two ways to state which edges are ablated:
+
+* ``DenseMixer``: a mask ``[S, R]`` or ``[K, S, R]`` (bool or fractional, differentiable). Per
+  receiver block only senders with a nonzero mask entry are touched, and a mostly-ablated block is
+  computed as ``sum_u D_u - sum_u (1 - M[u, r]) D_u`` from running prefix sums, so both sparse and
+  nearly full masks cost little.
+* ``SparseMixer``: a list of ``(row, sender, receiver, weight)`` entries - a handful of edges per
+  row, as in edge patching (one edge per row).
+
+Both read sender deltas ``D_u = A_u - a_u`` from a ``SenderDeltas`` store that the run fills block
+by block (input, each layer's heads, each layer's MLP) in topological order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from graphs.graph import ComputationGraph
+
+
+class InterventionError(ValueError):
+    """An edge mask, edit list or ablation-value tensor does not fit the graph or the batch."""
+
+
+@dataclass(frozen=True)
+class SparseEdits:
+    """Entry ``e`` ablates fraction ``weights[e]`` of edge ``senders[e] -> receivers[e]`` in row ``rows[e]``."""
+
+    rows: Tensor  # [E] long
+    senders: Tensor  # [E] long
+    receivers: Tensor  # [E] long
+    weights: Tensor  # [E] float
+
+    @staticmethod
+    def one_edge_per_row(senders: Tensor, receivers: Tensor, prompts: int) -> SparseEdits:
+        """Edge ``i`` ablated in rows ``i*prompts .. (i+1)*prompts - 1`` (the grid layout)."""
+        n = senders.shape[0]
+        rows = torch.arange(n * prompts)
+        return SparseEdits(
+            rows=rows,
+            senders=senders.repeat_interleave(prompts),
+            receivers=receivers.repeat_interleave(prompts),
+            weights=torch.ones(n * prompts),
+        )
+
+
+class SenderDeltas:
+    """``D_u = A_u - a_u`` for every sender computed so far, in blocks, with running prefix sums.
+
+    Blocks are 5-D ``[K|1, P, T|1, k, d]`` (``K|1``: blocks from a shared clean prefix do not depend
+    on the mask group). ``cumulative(n)`` is ``sum_{u < n} D_u`` at every block boundary.
+    """
+
+    def __init__(self, values: Tensor, K: int, P: int) -> None:
+        Va = values.shape[0]
+        if Va == 1:
+            self.values = values[None]  # [1, 1, Ta, S, d]
+        elif Va == P:
+            self.values = values[None]  # [1, P, Ta, S, d]
+        elif Va == K * P:
+            self.values = values.view(K, P, *values.shape[1:])
+        else:
+            raise InterventionError(f"ablation values have {Va} rows; expected 1, {P} (prompts) or {K * P} (rows)")
+        self.K, self.P = K, P
+        self.blocks: list[tuple[int, Tensor]] = []  # (first sender, D)
+        self.ends: list[int] = [0]
+        self.sums: list[Tensor | None] = [None]  # cumulative sums at self.ends
+
+    def add(self, start: int, outputs: Tensor, shared: bool = False) -> None:
+        """Register senders ``start..start+k`` with their outputs: [K*P, T, k, d], or [P, T, k, d] if ``shared``."""
+        if start != self.ends[-1]:
+            raise InterventionError("sender blocks must be added in topological order")
+        k = outputs.shape[2]
+        out5 = outputs[None] if shared else outputs.view(self.K, self.P, *outputs.shape[1:])
+        D = self.values[:, :, :, start : start + k] - out5  # [K|1, P, T, k, d]
+        self.blocks.append((start, D))
+        prev = self.sums[-1]
+        block_sum = D.sum(3)
+        self.sums.append(block_sum if prev is None else prev + block_sum)
+        self.ends.append(start + k)
+
+    def cumulative(self, n: int) -> Tensor | None:
+        """``sum_{u < n} D_u`` [K|1, P, T, d]; n must be a block boundary."""
+        try:
+            return self.sums[self.ends.index(n)]
+        except ValueError:
+            raise InterventionError(f"{n} is not a sender block boundary") from None
+
+    def gather(self, senders: Tensor) -> list[tuple[Tensor, Tensor]]:
+        """Deltas of ``senders`` (sorted indices) grouped by block: [(positions in ``senders``, D [K|1,P,T,n,d])]."""
+        groups: list[tuple[Tensor, Tensor]] = []
+        for start, D in self.blocks:
+            stop = start + D.shape[3]
+            inside = (senders >= start) & (senders < stop)
+            if bool(inside.any()):
+                where = inside.nonzero().flatten()
+                groups.append((where, D[:, :, :, senders[where] - start]))
+        return groups
+
+    def entries(self, rows: Tensor, senders: Tensor) -> Tensor:
+        """``D[row, :, sender]`` for each entry: [E, T, d] (rows index the K*P grid)."""
+        k = torch.div(rows, self.P, rounding_mode="floor")
+        p = rows % self.P
+        out: Tensor | None = None
+        for start, D in self.blocks:
+            inside = (senders >= start) & (senders < start + D.shape[3])
+            if not bool(inside.any()):
+                continue
+            idx = inside.nonzero().flatten()
+            kk = k[idx] if D.shape[0] > 1 else torch.zeros_like(idx)
+            part = D[kk, p[idx], :, senders[idx] - start]  # [n, T, d]
+            if out is None:
+                out = torch.empty(rows.shape[0], *part.shape[1:], dtype=D.dtype, device=D.device)
+            out[idx] = part
+        if out is None:
+            raise InterventionError("edits name senders that the run has not computed")
+        return out
+
+
+def _mix(D: Tensor, W: Tensor) -> Tensor:
+    """sum_s D[k, p, t, s, :] W[k, s, r] -> [K, P, T, R, d], without copying broadcast groups."""
+    if D.shape[0] == 1 and W.shape[0] > 1:
+        return torch.einsum("ptsd,ksr->kptrd", D[0], W)
+    if W.shape[0] == 1:
+        return torch.einsum("kptsd,sr->kptrd", D, W[0])
+    return torch.einsum("kptsd,ksr->kptrd", D, W)
+
+
+def _full_shape(delta: Tensor, K: int, P: int, T: int) -> Tensor:
+    """[K|1, P|1, T|1, R, d] -> [K*P, T, R, d]."""
+    delta = delta.expand(K, P, T, *delta.shape[3:])
+    return delta.reshape(K * P, T, *delta.shape[3:])
+
+
+class DenseMixer:
+    """Deltas for dense masks ``[S, R]`` (shared) or ``[K, S, R]`` (one per row group)."""
+
+    def __init__(self, graph: ComputationGraph, mask: Tensor, store: SenderDeltas, T: int) -> None:
+        self.mask = mask if mask.dim() == 3 else mask[None]  # [K|1, S, R]
+        self.store = store
+        self.T = T
+        self.differentiable = mask.requires_grad
+
+    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
+        """[K*P, T, R_block, d] for ``receivers`` (their upstream: senders < ``n_upstream``)."""
+        M = self.mask[:, :n_upstream, receivers]  # [K|1, n, Rb]
+        store = self.store
+        if self.differentiable:
+            total = None
+            for start, D in store.blocks:
+                stop = min(start + D.shape[3], n_upstream)
+                if stop > start:
+                    part = _mix(D[:, :, :, : stop - start], M[:, start:stop])
+                    total = part if total is None else total + part
+            return None if total is None else _full_shape(total, store.K, store.P, self.T)
+
+        complement = float(M.sum()) > 0.5 * M.numel()
+        W = 1.0 - M if complement else M
+        active = (W != 0).any(dim=2).any(dim=0).nonzero().flatten()  # senders with any entry
+        total: Tensor | None = None
+        for where, D in store.gather(active):
+            part = _mix(D, W[:, active[where]])
+            total = part if total is None else total + part
+        if complement:
+            base = store.cumulative(n_upstream)
+            assert base is not None
+            base = base[:, :, :, None, :]  # broadcast over receivers
+            total = base if total is None else base - total
+            R = M.shape[2]
+            total = total.expand(*total.shape[:3], R, total.shape[4])
+        return None if total is None else _full_shape(total, store.K, store.P, self.T)
+
+
+class SparseMixer:
+    """Deltas for a few edges per row (``SparseEdits``)."""
+
+    def __init__(self, graph: ComputationGraph, edits: SparseEdits, store: SenderDeltas, B: int, T: int) -> None:
+        upstream = torch.tensor(graph.n_upstream)
+        if edits.rows.numel():
+            if int(edits.rows.min()) < 0 or int(edits.rows.max()) >= B:
+                raise InterventionError(f"edit rows must lie in [0, {B})")
+            if int(edits.receivers.min()) < 0 or int(edits.receivers.max()) >= graph.n_receivers:
+                raise InterventionError("edit receivers out of range")
+            if bool((edits.senders < 0).any()) or bool((edits.senders >= upstream[edits.receivers]).any()):
+                raise InterventionError("an edit names a (sender, receiver) pair that is not an edge")
+        self.edits = edits
+        self.store = store
+        self.B, self.T = B, T
+
+    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
+        e = self.edits
+        pick = ((e.receivers >= receivers.start) & (e.receivers < receivers.stop)).nonzero().flatten()
+        if pick.numel() == 0:
+            return None
+        rows, senders = e.rows[pick], e.senders[pick]
+        D = self.store.entries(rows, senders)  # [E, T|1, d]
+        D = D * e.weights[pick].to(D.dtype)[:, None, None]
+        Rb = receivers.stop - receivers.start
+        out = torch.zeros(self.B, self.T, Rb, D.shape[-1], dtype=D.dtype, device=D.device)
+        t = torch.arange(self.T, device=D.device)
+        out.index_put_(
+            (rows[:, None], t[None, :], (e.receivers[pick] - receivers.start)[:, None]),
+            D.expand(-1, self.T, -1),
+            accumulate=True,
+        )
+        return out
