@@ -214,3 +214,36 @@ class SparseMixer:
             accumulate=True,
         )
         return out
+
+
+@dataclass(frozen=True)
+class ReceiverShifts:
+    """Add ``values[:, :, j]`` to the input of receiver ``receivers[j]`` (on top of any edge ablation).
+
+    Path patching's second run uses it: the receivers read exactly what they read in the first run."""
+
+    receivers: Tensor  # [n] long, receiver indices
+    values: Tensor  # [B, T, n, d]
+
+
+class ShiftMixer:
+    def __init__(self, graph: ComputationGraph, shifts: ReceiverShifts, B: int, T: int) -> None:
+        n = shifts.receivers.numel()
+        if shifts.values.dim() != 4 or tuple(shifts.values.shape[:3]) != (B, T, n):
+            raise InterventionError(f"receiver shifts must be [{B}, {T}, {n}, d], got {tuple(shifts.values.shape)}")
+        if n and (int(shifts.receivers.min()) < 0 or int(shifts.receivers.max()) >= graph.n_receivers):
+            raise InterventionError("receiver shift names a receiver outside the graph")
+        if shifts.receivers.unique().numel() != n:
+            raise InterventionError("receiver shifts name a receiver twice")
+        self.shifts = shifts
+        self.B, self.T = B, T
+
+    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
+        rec = self.shifts.receivers
+        pick = ((rec >= receivers.start) & (rec < receivers.stop)).nonzero().flatten()
+        if pick.numel() == 0:
+            return None
+        v = self.shifts.values
+        out = torch.zeros(self.B, self.T, receivers.stop - receivers.start, v.shape[-1], dtype=v.dtype, device=v.device)
+        out[:, :, rec[pick] - receivers.start] = v[:, :, pick]
+        return out

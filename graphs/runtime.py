@@ -26,9 +26,16 @@ from torch import Tensor
 
 from graphs import ops
 from graphs.adapters.spec import ModelSpec
-from graphs.interventions import DenseMixer, SenderDeltas, SparseEdits, SparseMixer
+from graphs.interventions import (
+    DenseMixer,
+    ReceiverShifts,
+    SenderDeltas,
+    ShiftMixer,
+    SparseEdits,
+    SparseMixer,
+)
 
-__all__ = ["AblationValues", "Checkpoint", "CleanRun", "RunOutput", "SparseEdits", "run"]
+__all__ = ["AblationValues", "Checkpoint", "CleanRun", "ReceiverShifts", "RunOutput", "SparseEdits", "run"]
 
 
 class RuntimeInputError(ValueError):
@@ -180,6 +187,7 @@ def run(
     mask: Tensor | None = None,
     edits: SparseEdits | None = None,
     ablation: AblationValues | None = None,
+    shifts: ReceiverShifts | None = None,
     read_positions: Tensor | None = None,
     input_embeddings: Tensor | None = None,
     start: Checkpoint | None = None,
@@ -191,7 +199,8 @@ def run(
 
     ``mask`` [S, R] (shared) or [K, S, R] (rows are K groups of B/K prompts) with ``ablation``
     values [1|P|B, 1|T, S, d]: edge interventions (see the module docstring); or ``edits``: a few
-    edges per row. ``read_positions`` [B]: compute logits only there. ``input_embeddings``
+    edges per row. ``shifts``: add given tensors to given receivers' inputs (path patching's second
+    run), on top of any ablation. ``read_positions`` [B]: compute logits only there. ``input_embeddings``
     [B, T, d]: replaces the ``input`` sender's output (integrated gradients). ``start``: resume from
     a clean ``Checkpoint`` of P prompts (rows are K groups of those P prompts; ``input_ids`` only
     give the shape). ``keep_senders``: every sender's output [B, T, S, d]; ``keep_receivers``: the
@@ -207,7 +216,7 @@ def run(
         mask = _check_mask(spec, mask)
     K, P = _groups(B, mask, start, 0 if ablation is None else ablation.values.shape[0])
     store: SenderDeltas | None = None
-    mixer: DenseMixer | SparseMixer | None = None
+    mixer: DenseMixer | SparseMixer | ShiftMixer | _Both | None = None
     if mask is not None or edits is not None:
         if ablation is None:
             raise RuntimeInputError("an edge intervention needs ablation values (what ablated edges carry)")
@@ -217,11 +226,14 @@ def run(
         else:
             assert edits is not None
             mixer = SparseMixer(g, edits, store, B, T)
+    if shifts is not None:
+        shift_mixer = ShiftMixer(g, shifts, B, T)
+        mixer = shift_mixer if mixer is None else _Both(mixer, shift_mixer)
     first = 0 if start is None else start.layer
     if start is not None and (keep_senders or keep_receivers or input_embeddings is not None):
         raise RuntimeInputError("a run resumed from a checkpoint cannot keep senders/receivers or replace inputs")
     if start is not None:
-        _check_nothing_before(spec, mask, edits, first)
+        _check_nothing_before(spec, mask, edits, shifts, first)
 
     positions = positions_for(spec, T)
     sender_blocks: list[Tensor] = []
@@ -310,6 +322,20 @@ def run(
     )
 
 
+class _Both:
+    """Sum of two mixers' deltas (an edge ablation plus receiver shifts)."""
+
+    def __init__(self, first: DenseMixer | SparseMixer, second: ShiftMixer) -> None:
+        self.first, self.second = first, second
+
+    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
+        a = self.first.delta(n_upstream, receivers)
+        b = self.second.delta(n_upstream, receivers)
+        if a is None:
+            return b
+        return a if b is None else a + b
+
+
 def _register_prefix(spec: ModelSpec, store: SenderDeltas, senders: Tensor, layer: int) -> None:
     """Add a checkpoint's clean sender outputs [P, T, S_up, d] to the store, block by block."""
     g = spec.graph
@@ -320,13 +346,17 @@ def _register_prefix(spec: ModelSpec, store: SenderDeltas, senders: Tensor, laye
         store.add(g.mlp_sender(l), senders[:, :, g.mlp_sender(l) : g.mlp_sender(l) + 1], shared=True)
 
 
-def _check_nothing_before(spec: ModelSpec, mask: Tensor | None, edits: SparseEdits | None, layer: int) -> None:
+def _check_nothing_before(
+    spec: ModelSpec, mask: Tensor | None, edits: SparseEdits | None, shifts: ReceiverShifts | None, layer: int
+) -> None:
     """A resumed run cannot intervene on receivers before its start layer: refuse, never drop."""
     first_receiver = spec.graph.qkv_receivers(layer).start if layer < spec.n_layers else spec.graph.logits_receiver
     if mask is not None and bool((mask[..., :first_receiver] != 0).any()):
         raise RuntimeInputError(f"the mask ablates edges into layers before the checkpoint's layer {layer}")
     if edits is not None and edits.receivers.numel() and int(edits.receivers.min()) < first_receiver:
         raise RuntimeInputError(f"edits ablate edges into layers before the checkpoint's layer {layer}")
+    if shifts is not None and shifts.receivers.numel() and int(shifts.receivers.min()) < first_receiver:
+        raise RuntimeInputError(f"shifts change receivers before the checkpoint's layer {layer}")
 
 
 @torch.no_grad()

@@ -22,6 +22,10 @@ from transformers import (
 
 VOCAB = 101
 
+# Tiny models are dominated by per-op overhead, and two threads per op make it ten times worse on a
+# busy two-core machine. Each test process uses one thread; the suite runs in two processes (xdist).
+torch.set_num_threads(1)
+
 
 def _gpt2() -> PreTrainedModel:
     return GPT2LMHeadModel(
@@ -107,6 +111,29 @@ def _neox(parallel: bool) -> Callable[[], PreTrainedModel]:
     return build
 
 
+def _gpt2_mini() -> PreTrainedModel:
+    """Two layers of three heads (103 edges): small enough for searches checked edge by edge."""
+    return GPT2LMHeadModel(
+        GPT2Config(n_layer=2, n_head=3, n_embd=24, vocab_size=VOCAB, n_positions=32, initializer_range=0.15)
+    )
+
+
+def _neox_mini() -> PreTrainedModel:
+    cfg = GPTNeoXConfig(
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        hidden_size=24,
+        intermediate_size=32,
+        vocab_size=VOCAB,
+        rotary_pct=0.5,
+        use_parallel_residual=True,
+        initializer_range=0.15,
+    )
+    return GPTNeoXForCausalLM(cfg)
+
+
+SMALL_MODELS: dict[str, Callable[[], PreTrainedModel]] = {"gpt2-mini": _gpt2_mini, "neox-mini": _neox_mini}
+
 TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
     "gpt2": _gpt2,
     "llama-gqa": _llama_gqa,
@@ -121,7 +148,7 @@ TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
 def make_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """A tiny random model of one family, in eval mode, deterministic in ``seed``."""
     torch.manual_seed(seed)
-    model = TINY_MODELS[name]().to(dtype)
+    model = {**TINY_MODELS, **SMALL_MODELS}[name]().to(dtype)
     model.eval()
     return model
 
@@ -139,3 +166,30 @@ def tiny_model(tiny_name: str) -> PreTrainedModel:
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=gen)
+
+
+def random_task(n: int, length: int, seed: int = 0, vocab: int = VOCAB, name: str = "random"):
+    """A TokenizedTask of random clean / corrupted prompts (ragged lengths) with one answer and
+    one wrong token per prompt: enough to exercise every method on a tiny model."""
+    from circuits.tasks.base import TokenizedTask
+
+    gen = torch.Generator().manual_seed(seed)
+    clean = torch.randint(0, vocab, (n, length), generator=gen)
+    corrupted = torch.randint(0, vocab, (n, length), generator=gen)
+    lengths = torch.randint(max(2, length - 3), length + 1, (n,), generator=gen)
+    lengths[0] = length
+    pad = torch.arange(length)[None, :] >= lengths[:, None]
+    clean[pad] = 0
+    corrupted[pad] = 0
+    answers = torch.randint(0, vocab, (n, 1), generator=gen)
+    wrongs = (answers + 1 + torch.randint(0, vocab - 1, (n, 1), generator=gen)) % vocab
+    return TokenizedTask(
+        name=name,
+        clean_ids=clean,
+        corrupted_ids=corrupted,
+        lengths=lengths,
+        answers=answers,
+        wrongs=wrongs,
+        read_positions=lengths - 1,
+        seed=seed,
+    )

@@ -1,0 +1,270 @@
+"""Exact interventions: node activation patching, edge patching and path patching.
+
+Every score follows one convention: the effect on the metric ``m`` (higher = more task behaviour)
+of the intervention, averaged over the prompts.
+
+* ``node_patching(mode="noising")``: ``m(clean, node u ablated) - m(clean)`` - u's output replaced
+  by its ablation value for every receiver downstream.
+  ``mode="denoising"``: ``m(corrupted, node u restored to clean) - m(corrupted)`` (resample
+  ablation only): positive for nodes that carry the behaviour.
+* ``edge_patching``: ``m(clean, edge u->r ablated) - m(clean)`` for every edge (one edge per batch
+  row, runs resumed from a clean checkpoint at the receiver's layer, so an edge into layer l costs
+  only the layers after it).
+* ``path_patching`` (Wang et al. 2022): for each sender s and a receiver set R, run the clean prompts
+  with s set to its ablation value and every *other head frozen* to its clean output while MLPs
+  (and their norms) are recomputed; record what the receivers in R read; then rerun the clean
+  prompts with only R's inputs replaced by those recordings. Unlike edge patching this includes the
+  paths s -> MLP -> ... -> R, and excludes paths through other heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+from torch import Tensor
+
+from circuits.experiment import Experiment, PreparedBatch
+from circuits.progress import progress_bar
+from graphs import ops
+from graphs import runtime as rt
+from graphs.graph import ComputationGraph
+from graphs.ids import NodeId, NodeKind, ReceiverId, parse_node, parse_receiver
+from graphs.scores import EdgeScores, NodeScores
+
+
+class PatchingError(ValueError):
+    """A patching method was asked for something it cannot compute."""
+
+
+def _sender_layer(graph: ComputationGraph, sender: int) -> int:
+    """The layer whose checkpoint precedes ``sender``'s first receiver (input: 0)."""
+    node = graph.senders[sender]
+    return 0 if node.kind is NodeKind.INPUT else int(node.layer)  # type: ignore[arg-type]
+
+
+def _receiver_layer(graph: ComputationGraph, receiver: int) -> int:
+    node = graph.receivers[receiver].node
+    return graph.n_layers if node.kind is NodeKind.LOGITS else int(node.layer)  # type: ignore[arg-type]
+
+
+def _rows_per_pass(max_rows: int, prompts: int) -> int:
+    return max(1, max_rows // max(1, prompts))
+
+
+# --------------------------------------------------------------------------- node patching
+
+
+def node_patching(
+    experiment: Experiment,
+    mode: str = "noising",
+    nodes: Iterable[NodeId | str] | None = None,
+    max_rows: int = 256,
+    progress: bool = False,
+) -> NodeScores:
+    """Activation patching of whole nodes (input, heads, MLPs); see the module docstring."""
+    if mode not in ("noising", "denoising"):
+        raise PatchingError("mode must be 'noising' or 'denoising'")
+    if mode == "denoising" and experiment.ablation != "corrupted":
+        raise PatchingError("denoising restores clean values into the corrupted run: it needs ablation='corrupted'")
+    spec, g = experiment.spec, experiment.spec.graph
+    chosen = _sender_indices(g, nodes)
+    totals = torch.zeros(g.n_senders, dtype=torch.float64)
+    edge_mask = g.edge_mask
+    bar = progress_bar(len(chosen) * experiment.n_prompts, f"node patching ({mode})", progress, "node-prompt")
+    for batch in experiment.batches():
+        P = batch.size
+        if mode == "noising":
+            base_ids, values = batch.clean_ids, batch.ablation
+        else:
+            base_ids = batch.corrupted_ids
+            values = rt.AblationValues("clean", rt.sender_outputs(spec, batch.clean_ids))
+        base = rt.clean_run(spec, base_ids, batch.read_positions)
+        m_base = batch.score(base.logits)  # [P]
+        by_layer: dict[int, list[int]] = {}
+        for s in chosen:
+            by_layer.setdefault(_sender_layer(g, s), []).append(s)
+        K_max = _rows_per_pass(max_rows, P)
+        for layer, senders in sorted(by_layer.items()):
+            for lo in range(0, len(senders), K_max):
+                group = torch.tensor(senders[lo : lo + K_max])
+                K = group.numel()
+                masks = torch.zeros(K, g.n_senders, g.n_receivers)
+                masks[torch.arange(K), group] = edge_mask[group].float()
+                with torch.no_grad():
+                    logits = rt.run(
+                        spec,
+                        base_ids.repeat(K, 1),
+                        mask=masks,
+                        ablation=values,
+                        read_positions=batch.read_positions.repeat(K),
+                        start=base.at(spec, layer),
+                    ).logits
+                m = batch.score(logits.view(K, P, -1))  # [K, P]
+                totals[group] += (m - m_base).sum(1).double()
+                bar.update(K * P)
+    bar.close()
+    scores = torch.zeros(g.n_senders)
+    scores[chosen] = (totals[chosen] / experiment.n_prompts).float()
+    return NodeScores(g, scores, f"node-patching/{mode}", _settings(experiment, mode=mode))
+
+
+def _sender_indices(g: ComputationGraph, nodes: Iterable[NodeId | str] | None) -> list[int]:
+    if nodes is None:
+        return list(range(g.n_senders))
+    return sorted({g.sender_index(parse_node(n) if isinstance(n, str) else n) for n in nodes})
+
+
+def _settings(experiment: Experiment, **extra: object) -> dict[str, object]:
+    return {
+        "metric": experiment.metric.name,
+        "ablation": experiment.ablation,
+        "n_prompts": experiment.n_prompts,
+        **extra,
+    }
+
+
+# --------------------------------------------------------------------------- edge patching
+
+
+def edge_patching(experiment: Experiment, max_rows: int = 256, progress: bool = False) -> EdgeScores:
+    """Every edge's single-edge effect ``m(clean, u->r ablated) - m(clean)``, exactly."""
+    spec, g = experiment.spec, experiment.spec.graph
+    totals = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    blocks = _receiver_blocks(g)
+    bar = progress_bar(g.n_edges * experiment.n_prompts, "edge patching", progress, "edge-prompt")
+    for batch in experiment.batches():
+        P = batch.size
+        clean = rt.clean_run(spec, batch.clean_ids, batch.read_positions)
+        m_clean = batch.score(clean.logits)  # [P]
+        K_max = _rows_per_pass(max_rows, P)
+        for layer, receivers in blocks:
+            pairs = [(s, r) for r in receivers for s in range(g.n_upstream[r])]
+            checkpoint = clean.at(spec, layer)
+            for lo in range(0, len(pairs), K_max):
+                chunk = pairs[lo : lo + K_max]
+                K = len(chunk)
+                senders = torch.tensor([s for s, _ in chunk])
+                targets = torch.tensor([r for _, r in chunk])
+                with torch.no_grad():
+                    logits = rt.run(
+                        spec,
+                        batch.clean_ids.repeat(K, 1),
+                        edits=rt.SparseEdits.one_edge_per_row(senders, targets, P),
+                        ablation=batch.ablation,
+                        read_positions=batch.read_positions.repeat(K),
+                        start=checkpoint,
+                    ).logits
+                m = batch.score(logits.view(K, P, -1))  # [K, P]
+                totals[senders, targets] += (m - m_clean).sum(1).double()
+                bar.update(K * P)
+    bar.close()
+    return EdgeScores(g, (totals / experiment.n_prompts).float(), "edge-patching", _settings(experiment))
+
+
+def _receiver_blocks(g: ComputationGraph) -> list[tuple[int, list[int]]]:
+    """Receivers grouped by the layer a run must start at: (layer, receiver indices), logits last."""
+    out = []
+    for layer in range(g.n_layers):
+        qkv = g.qkv_receivers(layer)
+        out.append((layer, list(range(qkv.start, qkv.stop)) + [g.mlp_receiver(layer)]))
+    out.append((g.n_layers, [g.logits_receiver]))
+    return out
+
+
+# --------------------------------------------------------------------------- path patching
+
+
+def path_patching(
+    experiment: Experiment,
+    receivers: Sequence[ReceiverId | str] = ("logits",),
+    senders: Iterable[NodeId | str] | None = None,
+    max_rows: int = 256,
+    progress: bool = False,
+) -> NodeScores:
+    """Path patching from each sender to the receiver set ``receivers`` (default: the logits).
+
+    ``senders`` defaults to every head. Returns one score per sender (``m(patched) - m(clean)``);
+    senders that are not upstream of any receiver in the set score 0."""
+    spec, g = experiment.spec, experiment.spec.graph
+    recv = sorted({g.receiver_index(parse_receiver(r) if isinstance(r, str) else r) for r in receivers})
+    if not recv:
+        raise PatchingError("path patching needs at least one receiver")
+    if senders is None:
+        chosen = [g.head_sender(l, h) for l in range(g.n_layers) for h in range(g.n_heads)]
+    else:
+        chosen = _sender_indices(g, senders)
+    totals = torch.zeros(g.n_senders, dtype=torch.float64)
+    bar = progress_bar(len(chosen) * experiment.n_prompts, "path patching", progress, "sender-prompt")
+    for batch in experiment.batches():
+        P = batch.size
+        clean = rt.clean_run(spec, batch.clean_ids, batch.read_positions)
+        m_clean = batch.score(clean.logits)  # [P]
+        K_max = _rows_per_pass(max_rows, P)
+        for lo in range(0, len(chosen), K_max):
+            group = chosen[lo : lo + K_max]
+            m = _path_patch_group(experiment, batch, clean, group, recv)  # [K, P]
+            totals[torch.tensor(group)] += (m - m_clean).sum(1).double()
+            bar.update(len(group) * P)
+    bar.close()
+    scores = (totals / experiment.n_prompts).float()
+    names = ",".join(str(g.receivers[r]) for r in recv)
+    return NodeScores(g, scores, "path-patching", _settings(experiment, receivers=names))
+
+
+@torch.no_grad()
+def _path_patch_group(
+    experiment: Experiment, batch: PreparedBatch, clean: rt.CleanRun, group: list[int], recv: list[int]
+) -> Tensor:
+    """Metric [K, P] after path patching each sender of ``group`` to the receivers ``recv``.
+
+    Run 1 needs no attention at all: every head except s is frozen to its clean output, so the
+    residual of run 1 differs from the clean one by ``delta = A_s - a_s`` plus what the recomputed
+    MLPs downstream of s change. We carry that delta through the MLPs and record it at each receiver
+    of the set; run 2 adds the recorded deltas to those receivers' clean inputs."""
+    spec, g = experiment.spec, experiment.spec.graph
+    K, P, T, d = len(group), batch.size, batch.clean_ids.shape[1], spec.d_model
+    C = clean.senders  # [P, T, S, d]
+    A = batch.ablation.values  # [1|P, 1|T, S, d]
+    idx = torch.tensor(group)
+    delta = (A[:, :, idx] - C[:, :, idx]).permute(2, 0, 1, 3).expand(K, P, T, d).contiguous()  # [K, P, T, d]
+    shift_at: dict[int, Tensor] = {}
+
+    def record(receiver: int) -> None:
+        if receiver in recv:
+            upstream = idx < g.n_upstream[receiver]  # [K]: s feeds this receiver
+            shift_at[receiver] = delta * upstream[:, None, None, None].to(delta.dtype)
+
+    for layer in range(g.n_layers):
+        qkv = g.qkv_receivers(layer)
+        for r in range(qkv.start, qkv.stop):
+            record(r)
+        lay = spec.layers[layer]
+        heads = C[:, :, g.attention_senders(layer)]  # frozen clean heads [P, T, H, d]
+        attn = heads.sum(2) + (lay.attn.b_O if lay.attn.b_O is not None else 0.0)
+        clean_mlp_in = clean.resid[layer] if g.parallel_residual else clean.resid[layer] + attn  # [P, T, d]
+        m_index = g.mlp_sender(layer)
+        feeds = idx < g.mlp_upstream(layer)  # [K]: s is upstream of this MLP
+        record(g.mlp_receiver(layer))
+        if bool(feeds.any()):
+            x = clean_mlp_in[None] + delta  # [K, P, T, d]
+            out = ops.mlp(lay.mlp, lay.mlp_norm, x.reshape(K * P, T, d)).view(K, P, T, d)
+            change = (out - C[None, :, :, m_index]) * feeds[:, None, None, None].to(out.dtype)
+            delta = delta + change
+    record(g.logits_receiver)
+
+    if recv == [g.logits_receiver]:
+        final = clean.resid[g.n_layers][None] + shift_at[g.logits_receiver]  # [K, P, T, d]
+        rows = torch.arange(P)
+        logits = rt.unembed(spec, final[:, rows, batch.read_positions])  # [K, P, V]
+        return batch.score(logits)
+    values = torch.stack([shift_at[r] for r in recv], dim=3).reshape(K * P, T, len(recv), d)  # [K*P, T, n, d]
+    first = min(_receiver_layer(g, r) for r in recv)
+    logits = rt.run(
+        spec,
+        batch.clean_ids.repeat(K, 1),
+        shifts=rt.ReceiverShifts(torch.tensor(recv), values),
+        read_positions=batch.read_positions.repeat(K),
+        start=clean.at(spec, first),
+    ).logits
+    return batch.score(logits.view(K, P, -1))

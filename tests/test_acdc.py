@@ -1,0 +1,84 @@
+"""ACDC: the speculative batched search equals the plain sequential algorithm exactly."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from circuits.experiment import Experiment
+from circuits.metrics import make_metric
+from circuits.methods.acdc import acdc
+from graphs import runtime as rt
+from graphs.adapters import build_spec
+from tests.conftest import make_tiny, random_task
+
+
+def _experiment(name: str, metric: str = "kl", n: int = 4) -> Experiment:
+    spec = build_spec(make_tiny(name))
+    return Experiment(spec, random_task(n, 6, seed=5), make_metric(metric), batch_size=2)
+
+
+def _naive_acdc(exp: Experiment, tau: float) -> torch.Tensor:
+    """ACDC written as plainly as possible: one full forward pass per candidate edge."""
+    g = exp.spec.graph
+
+    def metric(removed: torch.Tensor) -> float:
+        total = 0.0
+        for b in exp.batches():
+            logits = rt.run(exp.spec, b.clean_ids, mask=removed.float(), ablation=b.ablation,
+                            read_positions=b.read_positions).logits
+            total += float(b.score(logits).sum())
+        return total / exp.n_prompts
+
+    removed = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool)
+    current = metric(removed)
+    for r in reversed(range(g.n_receivers)):
+        node = g.receivers[r].node
+        if node.kind.value != "logits":
+            u = g.sender_index(node)
+            if not (g.edge_mask[u] & ~removed[u]).any():
+                removed[: g.n_upstream[r], r] = True
+                continue
+        for s in reversed(range(g.n_upstream[r])):
+            removed[s, r] = True
+            value = metric(removed)
+            if current - value < tau:
+                current = value
+            else:
+                removed[s, r] = False
+    return g.edge_mask & ~removed
+
+
+@pytest.mark.parametrize("name,tau", [("gpt2-mini", 0.01), ("neox-mini", 0.03), ("gpt2", 0.02)])
+def test_speculative_equals_sequential_and_naive(name: str, tau: float) -> None:
+    exp = _experiment(name)
+    fast = acdc(exp, tau, speculation=4, max_speculation=32)
+    sequential = acdc(exp, tau, speculation=1, max_speculation=1)
+    assert torch.equal(fast.circuit.in_circuit, sequential.circuit.in_circuit)
+    assert torch.allclose(fast.scores.values, sequential.scores.values, atol=1e-6)
+    assert fast.passes < sequential.passes
+    naive = _naive_acdc(exp, tau)
+    assert torch.equal(fast.circuit.in_circuit, naive)
+    g = exp.spec.graph
+    assert 0 < fast.circuit.n_edges < g.n_edges  # the threshold prunes, but not everything
+
+
+def test_acdc_decisions_follow_the_threshold() -> None:
+    exp = _experiment("llama-mqa", metric="logit_diff")
+    tau = 0.05
+    result = acdc(exp, tau)
+    kept = result.circuit.in_circuit
+    removed = exp.spec.graph.edge_mask & ~kept
+    drop = -result.scores.values
+    assert (drop[kept] >= tau).all()  # every kept edge was tried and dropped the metric by >= tau
+    assert (drop[removed] < tau).all()  # every removed edge dropped it by less
+    assert result.metric == pytest.approx(exp.dataset_mean(result.circuit.ablation_mask().float()), abs=1e-5)
+    assert result.full_metric == pytest.approx(exp.dataset_mean(None), abs=1e-6)
+
+
+def test_huge_tau_removes_everything() -> None:
+    exp = _experiment("gpt2-mini", metric="logit_diff", n=2)
+    loose = acdc(exp, 1e9)
+    assert loose.circuit.n_edges == 0
+    with pytest.raises(ValueError):
+        acdc(exp, -1.0)
