@@ -9,6 +9,7 @@ model's fused projections.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,11 @@ def head_outputs(spec: AttentionSpec, z: Tensor) -> Tensor:
     return torch.einsum("bthe,hed->bthd", z, spec.W_O)
 
 
+Observer = Callable[[str, Tensor], None]
+"""Called with intermediate tensors of a layer: ``q``, ``k``, ``v`` [B, T, H, d_head] and
+``pattern`` [B, H, T_q, T_k] (attention), ``heads`` [B, T, H, d], ``mlp_out`` [B, T, d]."""
+
+
 def attention_heads(
     spec: AttentionSpec,
     norm: NormSpec,
@@ -154,10 +160,19 @@ def attention_heads(
     x_k: Tensor,
     x_v: Tensor,
     rotary: tuple[Tensor, Tensor] | None,
+    observe: Observer | None = None,
 ) -> Tensor:
-    """Per-head residual contributions [B, T, H, d] of one attention layer."""
+    """Per-head residual contributions [B, T, H, d] of one attention layer.
+
+    With an observer the pattern is computed explicitly (no fused kernel) so it can be seen and
+    differentiated."""
     q, k, v = qkv(spec, norm, x_q, x_k, x_v, rotary)
-    return head_outputs(spec, attend(spec, q, k, v))
+    if observe is None:
+        return head_outputs(spec, attend(spec, q, k, v))
+    pattern = attention_pattern(spec, q, k)  # [B, H, T, T]
+    for name, tensor in (("q", q), ("k", k), ("v", v), ("pattern", pattern)):
+        observe(name, tensor)
+    return head_outputs(spec, torch.einsum("bhqk,bkhe->bqhe", pattern, v))
 
 
 def mlp(spec: MLPSpec, norm: NormSpec, x: Tensor) -> Tensor:

@@ -17,6 +17,7 @@ through the ``ModelSpec`` built by an adapter.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -194,6 +195,7 @@ def run(
     keep_senders: bool = False,
     keep_receivers: bool = False,
     keep_resid: bool = False,
+    observe: Callable[[int, str, Tensor], None] | None = None,
 ) -> RunOutput:
     """Run the DAG on ``input_ids`` [B, T] (right-padded; causal attention makes padding inert).
 
@@ -205,7 +207,9 @@ def run(
     a clean ``Checkpoint`` of P prompts (rows are K groups of those P prompts; ``input_ids`` only
     give the shape). ``keep_senders``: every sender's output [B, T, S, d]; ``keep_receivers``: the
     tensors each receiver read, as separate autograd nodes (for gradients); ``keep_resid``: each
-    layer's incoming residual.
+    layer's incoming residual. ``observe(layer, name, tensor)``: sees each layer's q, k, v,
+    attention pattern (computed explicitly when observed), per-head outputs and MLP output - e.g.
+    to register gradient hooks on them; it must not modify them.
     """
     g = spec.graph
     H, d = g.n_heads, spec.d_model
@@ -270,13 +274,16 @@ def run(
             x = resid[:, :, None, :].expand(B, T, 3 * H, d)
         else:
             x = None
+        seen = None if observe is None else functools.partial(observe, layer)
         if x is None:
-            heads = ops.attention_heads(lay.attn, lay.attn_norm, resid, resid, resid, rotary)
+            heads = ops.attention_heads(lay.attn, lay.attn_norm, resid, resid, resid, rotary, seen)
         else:
             qkv_inputs.append(x)
             heads = ops.attention_heads(
-                lay.attn, lay.attn_norm, x[:, :, :H], x[:, :, H : 2 * H], x[:, :, 2 * H :], rotary
+                lay.attn, lay.attn_norm, x[:, :, :H], x[:, :, H : 2 * H], x[:, :, 2 * H :], rotary, seen
             )  # [B, T, H, d]
+        if seen is not None:
+            seen("heads", heads)
         attn_out = heads.sum(dim=2)
         if lay.post_attn_norm is not None:
             raise NotImplementedError("post-attention norms are handled by the Gemma runtime path")
@@ -297,6 +304,8 @@ def run(
         if keep_receivers:
             mlp_inputs.append(mlp_in)
         mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)  # [B, T, d]
+        if seen is not None:
+            seen("mlp_out", mlp_out)
         if store is not None:
             if g.parallel_residual:
                 store.add(first_head, heads)
