@@ -1,0 +1,111 @@
+"""Methods by name, for ``circuits discover``: each turns an ``Experiment`` into ``EdgeScores``.
+
+ACDC is different in kind: it selects the circuit itself (threshold ``tau``); its scores are the
+metric drops it measured, so the usual selection rules still apply to them if asked.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from circuits.experiment import Experiment
+from graphs.circuit import Circuit
+from graphs.scores import EdgeScores
+
+
+class UnknownMethod(ValueError):
+    """No method has this name."""
+
+
+@dataclass(frozen=True)
+class MethodOutput:
+    scores: EdgeScores
+    circuit: Circuit | None = None  # a circuit the method chose itself (ACDC)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    description: str
+    default_metric: str
+    run: Callable[..., MethodOutput]
+    computes: str  # what the scores are, for --help and docs
+
+
+def _edge_patching(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:
+    from circuits.methods.patching import edge_patching
+
+    return MethodOutput(edge_patching(exp, progress=progress))
+
+
+def _path_patching(exp: Experiment, progress: bool, k: int = 5, **_: Any) -> MethodOutput:
+    from circuits.methods.path_search import path_patching_search
+
+    result = path_patching_search(exp, k=k, progress=progress)
+    return MethodOutput(result.scores, None, {"expanded": [str(n) for n in result.expanded]})
+
+
+def _acdc(exp: Experiment, progress: bool, tau: float = 0.01, **_: Any) -> MethodOutput:
+    from circuits.methods.acdc import acdc
+
+    result = acdc(exp, tau, progress=progress)
+    extra = {"tau": tau, "evaluations": result.evaluations, "passes": result.passes}
+    return MethodOutput(result.scores, result.circuit, extra)
+
+
+def _eap(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:
+    from circuits.methods.eap import eap
+
+    return MethodOutput(eap(exp, progress=progress))
+
+
+def _eap_ig(exp: Experiment, progress: bool, steps: int = 5, ig_variant: str = "inputs", **_: Any) -> MethodOutput:
+    from circuits.methods.eap import eap_ig
+
+    return MethodOutput(eap_ig(exp, steps=steps, variant=ig_variant, progress=progress))
+
+
+def _atp_star(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:
+    from circuits.methods.eap import atp_star
+
+    return MethodOutput(atp_star(exp, progress=progress))
+
+
+def _cdt(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:
+    from circuits.methods import cdt
+
+    return MethodOutput(cdt.cdt_edge_scores(exp, progress=progress))
+
+
+METHODS: MappingProxyType[str, MethodInfo] = MappingProxyType(
+    {
+        m.name: m
+        for m in (
+            MethodInfo("edge-patching", "exact single-edge ablation of every edge", "logit_diff", _edge_patching,
+                       "m(clean, edge ablated) - m(clean)"),
+            MethodInfo("path-patching", "Wang et al. path patching, searched back from the logits", "logit_diff",
+                       _path_patching, "path-patching effect of each sender on each expanded receiver slot"),
+            MethodInfo("acdc", "ACDC greedy edge removal (threshold tau, KL by default)", "kl", _acdc,
+                       "metric change when ACDC tried removing the edge"),
+            MethodInfo("eap", "edge attribution patching (one gradient)", "logit_diff", _eap,
+                       "(A_u - a_u) . dm/d in_r"),
+            MethodInfo("eap-ig", "EAP with integrated gradients (inputs by default)", "logit_diff", _eap_ig,
+                       "(A_u - a_u) . dm/d in_r averaged over interpolations"),
+            MethodInfo("atp*", "AtP*: EAP with the QK fix and GradDrop", "logit_diff", _atp_star,
+                       "EAP with exact attention patterns for q/k edges, GradDrop magnitudes"),
+            MethodInfo("cdt", "contextual decomposition for transformers", "logit_diff", _cdt,
+                       "relevant part of the metric contributed through each edge"),
+        )
+    }
+)
+
+
+def method(name: str) -> MethodInfo:
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise UnknownMethod(f"unknown method {name!r}; choose one of {', '.join(METHODS)}") from None
