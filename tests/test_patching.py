@@ -135,3 +135,14 @@ def test_path_patching_differs_from_edge_patching_through_mlps() -> None:
     assert paths["m2"] == pytest.approx(edges["m2->logits"], abs=2e-5)
     # a head of the last layer also reaches the logits through m2: path != edge
     assert abs(paths["a2.h1"] - edges["a2.h1->logits"]) > 1e-4
+
+
+def test_edge_patching_of_a_subset_equals_the_full_run_there() -> None:
+    exp = _experiment("gpt2")
+    g = exp.spec.graph
+    full = edge_patching(exp, max_rows=64)
+    subset = torch.rand(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(0)) < 0.2
+    part = edge_patching(exp, max_rows=64, edges=subset)
+    chosen = subset & g.edge_mask
+    assert torch.allclose(part.values[chosen], full.values[chosen], atol=1e-6)
+    assert (part.values[~chosen] == 0).all()

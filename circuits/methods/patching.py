@@ -127,19 +127,25 @@ def _settings(experiment: Experiment, **extra: object) -> dict[str, object]:
 # --------------------------------------------------------------------------- edge patching
 
 
-def edge_patching(experiment: Experiment, max_rows: int = 256, progress: bool = False) -> EdgeScores:
-    """Every edge's single-edge effect ``m(clean, u->r ablated) - m(clean)``, exactly."""
+def edge_patching(
+    experiment: Experiment, max_rows: int = 256, progress: bool = False, edges: Tensor | None = None
+) -> EdgeScores:
+    """Every edge's single-edge effect ``m(clean, u->r ablated) - m(clean)``, exactly.
+
+    ``edges`` [S, R] bool restricts the work to those edges (the others score 0), e.g. to check a
+    sample of edges on a model too large to patch exhaustively."""
     spec, g = experiment.spec, experiment.spec.graph
+    wanted = g.edge_mask if edges is None else (edges.to(torch.bool) & g.edge_mask)
     totals = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
     blocks = _receiver_blocks(g)
-    bar = progress_bar(g.n_edges * experiment.n_prompts, "edge patching", progress, "edge-prompt")
+    bar = progress_bar(int(wanted.sum()) * experiment.n_prompts, "edge patching", progress, "edge-prompt")
     for batch in experiment.batches():
         P = batch.size
         clean = rt.clean_run(spec, batch.clean_ids, batch.read_positions)
         m_clean = batch.score(clean.logits)  # [P]
         K_max = _rows_per_pass(max_rows, P)
         for layer, receivers in blocks:
-            pairs = [(s, r) for r in receivers for s in range(g.n_upstream[r])]
+            pairs = [(s, r) for r in receivers for s in range(g.n_upstream[r]) if wanted[s, r]]
             checkpoint = clean.at(spec, layer)
             for lo in range(0, len(pairs), K_max):
                 chunk = pairs[lo : lo + K_max]
@@ -159,7 +165,8 @@ def edge_patching(experiment: Experiment, max_rows: int = 256, progress: bool = 
                 totals[senders, targets] += (m - m_clean).sum(1).double()
                 bar.update(K * P)
     bar.close()
-    return EdgeScores(g, (totals / experiment.n_prompts).float(), "edge-patching", _settings(experiment))
+    settings = _settings(experiment) if edges is None else _settings(experiment, edges=int(wanted.sum()))
+    return EdgeScores(g, (totals / experiment.n_prompts).float(), "edge-patching", settings)
 
 
 def _receiver_blocks(g: ComputationGraph) -> list[tuple[int, list[int]]]:
