@@ -1,0 +1,68 @@
+"""Shared pieces of the benchmark scripts: the real model and task, timing, peak memory in a child.
+
+Speed is always reported as a *ratio* against a baseline run in the same process (so a busy
+machine slows both alike); peak memory is the peak resident set size of a fresh child process that
+does one thing, minus nothing (the model's own weights are included and reported separately).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def timed(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn`` over ``repeats`` runs after ``warmup`` runs, in seconds."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB (Linux reports KB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_child(script: Path, args: list[str]) -> dict[str, Any]:
+    """Run ``script --child ...`` in a fresh interpreter; it prints one JSON line last."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    out = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def save(name: str, record: dict[str, Any]) -> Path:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps(record, indent=2, sort_keys=True))
+    return path
+
+
+def smollm2_ioi(n_prompts: int, seed: int = 0, batch_size: int = 32, metric: str = "logit_diff"):
+    """(LoadedModel, Experiment) for SmolLM2-135M on IOI."""
+    from circuits.experiment import Experiment
+    from circuits.metrics import make_metric
+    from circuits.tasks import make_task
+    from graphs.adapters import build_spec
+    from graphs.loading import load_model
+
+    loaded = load_model("smollm2-135m", progress=False)
+    task = make_task("ioi", loaded.tokenizer, n_prompts=n_prompts, seed=seed)
+    exp = Experiment(build_spec(loaded.model), task, make_metric(metric), batch_size=batch_size)
+    return loaded, exp
