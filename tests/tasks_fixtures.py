@@ -144,10 +144,3 @@ def pair_tokenizer() -> PreTrainedTokenizerFast:
 def bos_tokenizer() -> PreTrainedTokenizerFast:
     """Adds a BOS token by default; no pad token (pads with EOS)."""
     return make_bpe_tokenizer(digits="single", bos=True, pad=False)
-
-
-@pytest.fixture(scope="session")
-def smollm2():
-    """The real SmolLM2-135M (model and tokenizer) through the package loader; slow tests only."""
-    loading = pytest.importorskip("graphs.loading")
-    return loading.load_model("smollm2-135m", progress=False)

@@ -21,10 +21,7 @@ from circuits.metrics import (
 )
 from circuits.tasks import make_task
 
-try:
-    from tasks_fixtures import digit_tokenizer
-except ImportError:  # tests/ is a package
-    from tests.tasks_fixtures import digit_tokenizer
+from tests.tasks_fixtures import digit_tokenizer
 
 __all__ = ["digit_tokenizer"]  # fixture used by name
 

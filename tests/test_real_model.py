@@ -22,13 +22,6 @@ CORRUPTED = [
 ]
 
 
-@pytest.fixture(scope="module")
-def smollm2():
-    from graphs.loading import load_model
-
-    return load_model("smollm2-135m", progress=False)
-
-
 def _ids(tokenizer, texts: list[str]) -> torch.Tensor:
     rows = [tokenizer(t)["input_ids"] for t in texts]
     assert len({len(r) for r in rows}) == 1

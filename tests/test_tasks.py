@@ -33,28 +33,16 @@ from circuits.tasks.encoding import continuation
 from circuits.tasks.greater_than import year_mode
 from circuits.tasks.ioi import ioi_names
 
-try:
-    from tasks_fixtures import (
-        HELD_OUT_NAMES,
-        bos_tokenizer,
-        digit_tokenizer,
-        make_bpe_tokenizer,
-        pair_tokenizer,
-        smollm2,
-        spm_tokenizer,
-    )
-except ImportError:  # tests/ is a package
-    from tests.tasks_fixtures import (
-        HELD_OUT_NAMES,
-        bos_tokenizer,
-        digit_tokenizer,
-        make_bpe_tokenizer,
-        pair_tokenizer,
-        smollm2,
-        spm_tokenizer,
-    )
+from tests.tasks_fixtures import (
+    HELD_OUT_NAMES,
+    bos_tokenizer,
+    digit_tokenizer,
+    make_bpe_tokenizer,
+    pair_tokenizer,
+    spm_tokenizer,
+)
 
-__all__ = ["bos_tokenizer", "digit_tokenizer", "pair_tokenizer", "smollm2", "spm_tokenizer"]  # fixtures used by name
+__all__ = ["bos_tokenizer", "digit_tokenizer", "pair_tokenizer", "spm_tokenizer"]  # fixtures used by name
 
 TASKS = sorted(available_tasks())
 N = 24
