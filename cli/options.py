@@ -35,3 +35,52 @@ def load(model_name: str) -> Any:
 
 def echo_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    """Load a TOML config file into the command's defaults (flags given on the line still win).
+
+    The file may hold the settings at top level or under a table named after the command
+    (``[discover]``); keys use the option names with ``-`` or ``_`` (``n-prompts`` = ``n_prompts``)."""
+    if value is None:
+        return None
+    import tomllib
+    from pathlib import Path
+
+    path = Path(value)
+    if not path.is_file():
+        raise click.BadParameter(f"config file {value} does not exist", ctx=ctx, param=param)
+    if path.stat().st_size > 1 << 20:
+        raise click.BadParameter(f"config file {value} is larger than 1 MB", ctx=ctx, param=param)
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+        raise click.BadParameter(f"config file {value} is not valid TOML: {err}", ctx=ctx, param=param) from None
+    name = ctx.command.name or ""
+    section = data.get(name, data)
+    if not isinstance(section, dict):
+        raise click.BadParameter(f"[{name}] in {value} must be a table", ctx=ctx, param=param)
+    known = {p.name for p in ctx.command.params if p.name}
+    values: dict[str, Any] = {}
+    for key, item in section.items():
+        if isinstance(item, dict) and key != name:
+            continue  # another command's table
+        dest = key.replace("-", "_")
+        if dest not in known or dest == "config":
+            raise click.BadParameter(f"unknown setting {key!r} in {value}; known: {', '.join(sorted(known - {'config'}))}",
+                                     ctx=ctx, param=param)
+        values[dest] = item
+    ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def config_option(func: F) -> F:
+    """``--config FILE.toml``: settings whose values act as defaults that flags override."""
+    return click.option(
+        "--config",
+        type=click.Path(dir_okay=False),
+        is_eager=True,
+        expose_value=False,
+        callback=_read_config,
+        help="TOML file of settings (top level or a [<command>] table); flags override it.",
+    )(func)

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import click
 
+from cli.commands.discover import discover
 from cli.commands.graph import graph
 from cli.commands.models import models
 from cli.commands.tasks import tasks
 
-COMMANDS: tuple[click.Command, ...] = (models, tasks, graph)
+COMMANDS: tuple[click.Command, ...] = (models, tasks, graph, discover)
 
 __all__ = ["COMMANDS"]

@@ -1,0 +1,86 @@
+"""``circuits discover``: find a circuit and write circuit.json, scores.safetensors, circuit.svg, curve.json."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import click
+
+from cli.options import config_option, echo_json, json_option
+
+METHOD_NAMES = ("edge-patching", "path-patching", "acdc", "eap", "eap-ig", "atp*", "cdt")
+ABLATIONS = ("corrupted", "mean", "positional-mean", "zero")
+METRICS = ("logit_diff", "prob_diff", "logprob", "kl")
+
+
+@click.command()
+@config_option
+@click.option("--model", "-m", default="smollm2-135m", show_default=True, metavar="NAME",
+              help="Alias, local folder, .gguf file or hub id (see `circuits models`).")
+@click.option("--task", "-t", default="ioi", show_default=True, help="Built-in task (see `circuits tasks`).")
+@click.option("--task-file", type=click.Path(dir_okay=False), help="A JSONL/CSV task file instead of --task.")
+@click.option("--method", type=click.Choice(METHOD_NAMES), default="eap-ig", show_default=True,
+              help="How edges are scored (see docs/methods/).")
+@click.option("--edges", type=click.IntRange(min=1), help="Keep this many top-scoring edges.")
+@click.option("--threshold", type=float, help="Keep edges whose |score| is at least this.")
+@click.option("--target-faithfulness", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Smallest circuit reaching this faithfulness (used unless --edges/--threshold).")
+@click.option("--selection", type=click.Choice(("top-n", "greedy")), default="top-n", show_default=True,
+              help="Rank edges globally, or grow greedily from the logits.")
+@click.option("--ablation", type=click.Choice(ABLATIONS), default="corrupted", show_default=True,
+              help="What an ablated edge carries.")
+@click.option("--metric", type=click.Choice(METRICS), help="Default: kl for acdc, logit_diff otherwise.")
+@click.option("--n-prompts", type=click.IntRange(min=1), default=32, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the generated prompts and baselines.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=5, show_default=True, help="EAP-IG interpolation steps.")
+@click.option("--ig-variant", type=click.Choice(("inputs", "activations")), default="inputs", show_default=True)
+@click.option("--tau", type=click.FloatRange(min=0), default=0.01, show_default=True, help="ACDC threshold.")
+@click.option("--k", type=click.IntRange(min=1), default=5, show_default=True,
+              help="Path-patching search: senders kept per slot.")
+@click.option("--no-curve", is_flag=True, help="Skip the faithfulness curve (saves time).")
+@click.option("--no-svg", is_flag=True, help="Do not render circuit.svg.")
+@click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default="runs/discover", show_default=True)
+@json_option
+def discover(out_dir: str, no_curve: bool, no_svg: bool, as_json: bool, **options: object) -> None:
+    """Find the minimal circuit of a model on a task.
+
+    \b
+    Writes OUT/circuit.json (the circuit with scores and provenance), OUT/scores.safetensors (the
+    [senders, receivers] score matrix), OUT/circuit.svg and OUT/curve.json (faithfulness curve,
+    CPR/CMD, random baseline, the minimal-circuit search), then prints a summary.
+
+    \b
+    Examples:
+      circuits discover --out runs/ioi                       # SmolLM2-135M, IOI, EAP-IG, f >= 0.9
+      circuits discover --method edge-patching --edges 200 --out runs/ep
+      circuits discover --method acdc --tau 0.05 --model ./tiny-gpt2 --out runs/acdc
+      circuits discover --config run.toml --n-prompts 64    # flags override the file
+    """
+    from circuits.pipeline import DiscoverySettings, discover as run_discovery, write_outputs
+
+    start = time.perf_counter()
+    settings = DiscoverySettings(curve=not no_curve, **options)  # type: ignore[arg-type]
+    settings.rule()  # fail fast on conflicting selection flags
+    result = run_discovery(settings, progress=True)
+    paths = write_outputs(result, Path(out_dir), svg=not no_svg)
+    summary = result.summary()
+    summary["files"] = {k: str(v) for k, v in paths.items()}
+    summary["seconds"]["total"] = time.perf_counter() - start
+    if as_json:
+        echo_json(summary)
+        return
+    click.echo(f"{result.settings.method} on {result.settings.task if result.settings.task_file is None else result.settings.task_file}"
+               f" ({result.circuit.provenance.get('model')}, {result.circuit.provenance.get('n_prompts')} prompts)")
+    click.echo(f"circuit      {summary['edges']} edges ({100 * summary['edge_fraction']:.2f}% of "
+               f"{result.circuit.graph.n_edges}), {summary['nodes']} nodes: {summary['heads']} heads, {summary['mlps']} MLPs")
+    click.echo(f"faithfulness {summary['faithfulness']:.3f}   (random circuit of the same size: "
+               f"{summary['random_faithfulness']:.3f})")
+    if summary["cpr"] is not None:
+        click.echo(f"curve        CPR {summary['cpr']:.3f}   CMD {summary['cmd']:.3f}")
+    s = summary["seconds"]
+    click.echo(f"time         {s['total']:.1f} s (load {s['load']:.1f}, scores {s['scores']:.1f}, "
+               f"evaluate {s['evaluate']:.1f})")
+    for name, path in summary["files"].items():
+        click.echo(f"wrote        {path}")
