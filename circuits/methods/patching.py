@@ -24,6 +24,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
+from circuits.checkpoint import Checkpointer
 from circuits.experiment import Experiment, PreparedBatch
 from circuits.progress import progress_bar
 from graphs import ops
@@ -128,25 +129,40 @@ def _settings(experiment: Experiment, **extra: object) -> dict[str, object]:
 
 
 def edge_patching(
-    experiment: Experiment, max_rows: int = 256, progress: bool = False, edges: Tensor | None = None
+    experiment: Experiment,
+    max_rows: int = 256,
+    progress: bool = False,
+    edges: Tensor | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> EdgeScores:
     """Every edge's single-edge effect ``m(clean, u->r ablated) - m(clean)``, exactly.
 
     ``edges`` [S, R] bool restricts the work to those edges (the others score 0), e.g. to check a
-    sample of edges on a model too large to patch exhaustively."""
+    sample of edges on a model too large to patch exhaustively. ``checkpoint``: save the partial
+    sums after every (batch, layer) unit and skip units already done when resuming."""
     spec, g = experiment.spec, experiment.spec.graph
     wanted = g.edge_mask if edges is None else (edges.to(torch.bool) & g.edge_mask)
     totals = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    done: set[str] = set()
+    saved = None if checkpoint is None else checkpoint.load()
+    if saved is not None:
+        totals, done = saved[0]["totals"].double(), set(saved[1]["done"])
     blocks = _receiver_blocks(g)
     bar = progress_bar(int(wanted.sum()) * experiment.n_prompts, "edge patching", progress, "edge-prompt")
-    for batch in experiment.batches():
+    for index, batch in enumerate(experiment.batches()):
         P = batch.size
+        if all(f"{index}:{layer}" in done for layer, _ in blocks):
+            bar.update(int(wanted.sum()) * P)
+            continue
         clean = rt.clean_run(spec, batch.clean_ids, batch.read_positions)
         m_clean = batch.score(clean.logits)  # [P]
         K_max = _rows_per_pass(max_rows, P)
         for layer, receivers in blocks:
             pairs = [(s, r) for r in receivers for s in range(g.n_upstream[r]) if wanted[s, r]]
-            checkpoint = clean.at(spec, layer)
+            if f"{index}:{layer}" in done:
+                bar.update(len(pairs) * P)
+                continue
+            resume_at = clean.at(spec, layer)
             for lo in range(0, len(pairs), K_max):
                 chunk = pairs[lo : lo + K_max]
                 K = len(chunk)
@@ -159,11 +175,14 @@ def edge_patching(
                         edits=rt.SparseEdits.one_edge_per_row(senders, targets, P),
                         ablation=batch.ablation,
                         read_positions=batch.read_positions.repeat(K),
-                        start=checkpoint,
+                        start=resume_at,
                     ).logits
                 m = batch.score(logits.view(K, P, -1))  # [K, P]
                 totals[senders, targets] += (m - m_clean).sum(1).double()
                 bar.update(K * P)
+            if checkpoint is not None:
+                done.add(f"{index}:{layer}")
+                checkpoint.save({"totals": totals}, {"done": sorted(done)})
     bar.close()
     settings = _settings(experiment) if edges is None else _settings(experiment, edges=int(wanted.sum()))
     return EdgeScores(g, (totals / experiment.n_prompts).float(), "edge-patching", settings)
