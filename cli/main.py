@@ -23,10 +23,14 @@ def cli(debug: bool) -> None:
 
     \b
     Examples:
-      circuits models                                 # supported architectures and aliases
-      circuits tasks                                  # built-in tasks
-      circuits graph --model smollm2-135m             # size of a model's computation graph
-      circuits --debug graph --model ./my-model       # full traceback on errors
+      circuits discover --out runs/ioi                # minimal IOI circuit of SmolLM2-135M (EAP-IG)
+      circuits evaluate runs/ioi/circuit.json         # faithfulness, curve, random baseline
+      circuits render runs/ioi/circuit.json -o ioi.svg
+      circuits query runs/ioi/circuit.json edges --into logits --top 10
+      circuits compare a.json b.json --svg diff.svg
+      circuits export runs/ioi/circuit.json --format graphml -o ioi.graphml
+      circuits models | tasks | graph --model smollm2-135m
+      circuits --debug ...                            # full traceback on errors
     """
 
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 import click
@@ -26,6 +27,55 @@ def json_option(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")(func)
 
 
+class InputError(ValueError):
+    """Bad input found by a command itself (exit code 2, like the library's own ValueErrors)."""
+
+
+@contextmanager
+def bad_input() -> Iterator[None]:
+    """Report a plain ``ValueError`` from the library call inside as bad input (exit 2).
+
+    For calls whose documented ``ValueError``s all mean "change the command line or the input file"
+    (a render filter on an unscored circuit, a drawing that is too big, circuits on different graphs).
+    Subclasses (and every other exception) pass through unchanged."""
+    try:
+        yield
+    except ValueError as err:
+        if type(err) is not ValueError:
+            raise
+        raise InputError(str(err)) from err
+
+
+def circuit_argument(func: F) -> F:
+    """``CIRCUIT.json``: a circuit file, ours or MIB / EAP-IG JSON (told apart by their keys)."""
+    return click.argument("circuit", metavar="CIRCUIT.json")(func)
+
+
+def read_circuit(path: str) -> Any:
+    """``graphs.io.import_circuit(path)``: our circuit JSON or MIB / EAP-IG JSON (``CircuitFileError``
+    with a one-line reason for a missing, unreadable or malformed file)."""
+    from graphs.io import import_circuit
+
+    return import_circuit(path)
+
+
+def check_same_graph(graph: Any, other: Any, what: str, other_what: str) -> None:
+    """InputError naming both shapes when two computation graphs differ."""
+    if graph != other:
+        raise InputError(f"{what} is on a graph of {graph.describe()}, but {other_what} has {other.describe()}")
+
+
+def circuit_title(circuit: Any) -> str:
+    """``method on task (model)`` from a circuit's provenance, leaving out what it does not record."""
+    prov = circuit.provenance
+    method = prov.get("method") or (circuit.scores.method if circuit.scores is not None else None)
+    text = " on ".join(str(x) for x in (method, prov.get("task")) if x)
+    model = prov.get("model")
+    if model:
+        text = f"{text} ({model})" if text else str(model)
+    return text or "circuit without provenance"
+
+
 def load(model_name: str) -> Any:
     """``graphs.loading.load_model`` with progress on stderr (stdout stays parseable)."""
     from graphs.loading import load_model
@@ -40,12 +90,23 @@ def echo_json(data: Any) -> None:
 def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
     """Load a TOML config file into the command's defaults (flags given on the line still win).
 
-    The file may hold the settings at top level or under a table named after the command
-    (``[discover]``); keys use the option names with ``-`` or ``_`` (``n-prompts`` = ``n_prompts``)."""
+    Top-level keys are settings shared by every command; a table named after the command
+    (``[discover]``, ``[evaluate]``) holds settings for that command alone and overrides the top
+    level. Keys use the option names with ``-`` or ``_`` (``n-prompts`` = ``n_prompts``). A
+    top-level key that only another command knows (``method`` for ``evaluate``) is skipped; a key
+    no command knows, or a key in this command's table that it does not know, is an error."""
     if value is None:
         return None
-    import tomllib
     from pathlib import Path
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10: the same parser as the tomli package
+        try:
+            import tomli as tomllib  # type: ignore[import-not-found, no-redef]
+        except ModuleNotFoundError:
+            raise click.BadParameter("reading TOML needs Python 3.11+ or `pip install tomli`",
+                                     ctx=ctx, param=param) from None
 
     path = Path(value)
     if not path.is_file():
@@ -57,21 +118,71 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise click.BadParameter(f"config file {value} is not valid TOML: {err}", ctx=ctx, param=param) from None
     name = ctx.command.name or ""
-    section = data.get(name, data)
-    if not isinstance(section, dict):
+    table = data.get(name, {})
+    if not isinstance(table, dict):
         raise click.BadParameter(f"[{name}] in {value} must be a table", ctx=ctx, param=param)
-    known = {p.name for p in ctx.command.params if p.name}
+    known = _setting_names(ctx.command)
+    commands, elsewhere = _other_commands(ctx)
+
+    def unknown(key: str, where: str) -> click.BadParameter:
+        return click.BadParameter(
+            f"unknown setting {key!r}{where} in {value}; `{name}` knows: {', '.join(sorted(_setting_names(ctx.command, shown=True)))}",
+            ctx=ctx, param=param,
+        )
+
     values: dict[str, Any] = {}
-    for key, item in section.items():
-        if isinstance(item, dict) and key != name:
-            continue  # another command's table
-        dest = key.replace("-", "_")
-        if dest not in known or dest == "config":
-            raise click.BadParameter(f"unknown setting {key!r} in {value}; known: {', '.join(sorted(known - {'config'}))}",
-                                     ctx=ctx, param=param)
+    for key, item in data.items():
+        if isinstance(item, dict):
+            if key != name and key not in commands:
+                raise click.BadParameter(
+                    f"unknown table [{key}] in {value}; tables are named after commands: "
+                    f"{', '.join(sorted(commands | {name}))}", ctx=ctx, param=param,
+                )
+            continue  # this command's table (below) or another command's
+        dest = known.get(key.replace("_", "-"))
+        if dest is not None:
+            values[dest] = item
+        elif key.replace("_", "-") not in elsewhere:
+            raise unknown(key, "")
+    for key, item in table.items():
+        dest = known.get(key.replace("_", "-"))
+        if dest is None:
+            raise unknown(key, f" (in [{name}])")
         values[dest] = item
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
+
+
+def _setting_names(command: click.Command, shown: bool = False) -> dict[str, str]:
+    """Config keys a command accepts (written with ``-``) -> the parameter they set.
+
+    An option is named by its long flags (``n-prompts``, ``json``, ``no-curve``; not the ``--no-x``
+    half of an on/off pair, which would invert the value) and by its parameter name; an argument
+    by its parameter name (``circuit``). ``shown``: only the names to list in messages (the flags)."""
+    names: dict[str, str] = {}
+    for param in command.params:
+        if not param.name or param.name == "config":
+            continue
+        flags = [flag[2:] for flag in param.opts if flag.startswith("--")]
+        if not (shown and flags):
+            names[param.name.replace("_", "-")] = param.name
+        names.update(dict.fromkeys(flags, param.name))
+    return names
+
+
+def _other_commands(ctx: click.Context) -> tuple[set[str], set[str]]:
+    """Names of the other commands of ``circuits`` and the config keys any other command accepts."""
+    root = ctx.find_root().command
+    names = {n for n in getattr(root, "commands", {}) if n != ctx.command.name}
+    settings: set[str] = set()
+    stack = list(getattr(root, "commands", {}).values())
+    while stack:
+        command = stack.pop()
+        if command is not ctx.command:
+            settings.update(_setting_names(command))
+        if isinstance(command, click.Group):
+            stack.extend(command.commands.values())
+    return names, settings
 
 
 def config_option(func: F) -> F:
@@ -82,5 +193,5 @@ def config_option(func: F) -> F:
         is_eager=True,
         expose_value=False,
         callback=_read_config,
-        help="TOML file of settings (top level or a [<command>] table); flags override it.",
+        help="TOML file of settings: shared top-level keys, then a [<command>] table; flags override both.",
     )(func)

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import click
 
+from cli.commands.compare import compare
 from cli.commands.discover import discover
+from cli.commands.evaluate import evaluate
+from cli.commands.export import export
 from cli.commands.graph import graph
 from cli.commands.models import models
+from cli.commands.query import query
+from cli.commands.render import render
 from cli.commands.tasks import tasks
 
-COMMANDS: tuple[click.Command, ...] = (models, tasks, graph, discover)
+COMMANDS: tuple[click.Command, ...] = (models, tasks, graph, discover, evaluate, render, query, compare, export)
 
 __all__ = ["COMMANDS"]
