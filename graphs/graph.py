@@ -129,13 +129,14 @@ class ComputationGraph:
         try:
             return self._sender_index[node]
         except KeyError:
-            raise IdError(f"{node} is not a sender of this graph ({self.describe()})") from None
+            where = "not in this graph" if node.kind in (NodeKind.HEAD, NodeKind.MLP) else "not a sender"
+            raise IdError(f"{node} is {where} ({self.describe()})") from None
 
     def receiver_index(self, receiver: ReceiverId) -> int:
         try:
             return self._receiver_index[receiver]
         except KeyError:
-            raise IdError(f"{receiver} is not a receiver of this graph ({self.describe()})") from None
+            raise IdError(f"{receiver} is not in this graph ({self.describe()})") from None
 
     @cached_property
     def n_upstream(self) -> tuple[int, ...]:
