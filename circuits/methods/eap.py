@@ -79,7 +79,10 @@ def _refuse_kl(experiment: Experiment, method: str) -> None:
 
 
 class _ScoreSink:
-    """Adds ``sum_{b,t} D[b,t,u] . grad_r[b,t]`` into ``scores[u, r]`` as receiver gradients arrive."""
+    """Adds ``sum_{b,t} D[b,t,u] . grad_r[b,t]`` into ``scores[u, r]`` as receiver gradients arrive.
+
+    The deltas are held once as a contiguous ``[S, B*T*d]`` matrix, so each receiver block costs one
+    matrix product with a prefix of its rows (no per-layer copies of the deltas)."""
 
     def __init__(self, graph: ComputationGraph, scores: Tensor) -> None:
         self.graph = graph
@@ -88,18 +91,19 @@ class _ScoreSink:
     def attach(self, receivers: rt.ReceiverInputs, deltas: Tensor, weight: float) -> None:
         """Register gradient hooks on every receiver input; deltas [B, T, S, d] (detached)."""
         g = self.graph
+        rows = deltas.permute(2, 0, 1, 3).reshape(deltas.shape[2], -1).contiguous()  # [S, B*T*d]
         for layer, (qkv, mlp) in enumerate(zip(receivers.qkv, receivers.mlp, strict=True)):
-            self._hook(qkv, deltas, g.attention_upstream(layer), g.qkv_receivers(layer), weight)
+            self._hook(qkv, rows, g.attention_upstream(layer), g.qkv_receivers(layer), weight)
             r = g.mlp_receiver(layer)
-            self._hook(mlp, deltas, g.mlp_upstream(layer), slice(r, r + 1), weight)
+            self._hook(mlp, rows, g.mlp_upstream(layer), slice(r, r + 1), weight)
         r = g.logits_receiver
-        self._hook(receivers.logits, deltas, g.n_senders, slice(r, r + 1), weight)
+        self._hook(receivers.logits, rows, g.n_senders, slice(r, r + 1), weight)
 
-    def _hook(self, tensor: Tensor, deltas: Tensor, n_up: int, cols: slice, weight: float) -> None:
+    def _hook(self, tensor: Tensor, rows: Tensor, n_up: int, cols: slice, weight: float) -> None:
         def on_grad(grad: Tensor) -> None:
             grad = grad if grad.dim() == 4 else grad[:, :, None, :]  # [B, T, R_block, d]
-            block = torch.einsum("btsd,btrd->sr", deltas[:, :, :n_up], grad)  # [n_up, R_block]
-            self.scores[:n_up, cols] += weight * block.double()
+            columns = grad.permute(0, 1, 3, 2).reshape(-1, grad.shape[2])  # [B*T*d, R_block]
+            self.scores[:n_up, cols] += weight * (rows[:n_up] @ columns).double()  # [n_up, R_block]
 
         tensor.register_hook(on_grad)
 
@@ -116,8 +120,9 @@ def _gradient_pass(
 ) -> None:
     """One forward + backward on the batch's clean prompts, accumulating EAP-style scores.
 
-    ``deltas`` [B, T, S, d]: fixed ``A - a`` (None: ``A - a`` of this very run, for interpolated
-    masks). ``weight`` scales this pass (1 / (prompts * steps))."""
+    ``deltas`` [B, T, S, d]: fixed ``A - a`` (None: ``A - a`` with ``a`` from this very run - the
+    clean senders for EAP, the interpolated ones for the activation variant). ``weight`` scales this
+    pass (1 / (prompts * steps))."""
     with torch.enable_grad():
         out = rt.run(
             spec,
@@ -153,7 +158,7 @@ def eap(experiment: Experiment, progress: bool = False) -> EdgeScores:
     scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
     bar = progress_bar(experiment.n_prompts, "EAP", progress, "prompt")
     for batch in experiment.batches():
-        _gradient_pass(spec, batch, scores, 1.0 / experiment.n_prompts, deltas=_clean_deltas(spec, batch))
+        _gradient_pass(spec, batch, scores, 1.0 / experiment.n_prompts)  # deltas from the same clean pass
         bar.update(batch.size)
     bar.close()
     return EdgeScores(g, scores.float(), "eap", _settings(experiment))
