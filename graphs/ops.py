@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from graphs.adapters.spec import AttentionSpec, MLPSpec, NormSpec
+from graphs.adapters.spec import AttentionSpec, LayerSpec, MLPSpec, NormSpec
 
 
 def apply_norm(spec: NormSpec, x: Tensor) -> Tensor:
@@ -34,6 +34,26 @@ def apply_norm(spec: NormSpec, x: Tensor) -> Tensor:
     if spec.weight_offset:
         return (h * (spec.weight_offset + spec.weight.to(wide))).to(dtype)
     return spec.weight * h.to(dtype)
+
+
+def post_norm_shares(spec: NormSpec, parts: Tensor, total: Tensor) -> Tensor:
+    """Each part's share of ``apply_norm(spec, total)`` where ``total = parts.sum(-2)`` (Gemma's post-norms).
+
+    RMSNorm is linear once its scale is fixed: ``norm(total) = w' * total / rms(total)`` with
+    ``w' = offset + w``, so part ``i`` gets ``w' * parts[i] / rms(total)`` and the shares add up to
+    ``norm(total)`` (to rounding). The scale is ``rms`` of the ``total`` given - the summed output of
+    the current run - in at least float32, as ``apply_norm`` computes it. parts: [..., n, d];
+    total: [..., d]. See docs/gemma.md."""
+    if spec.kind != "rmsnorm":
+        raise NotImplementedError("only an RMSNorm splits into per-part shares (a LayerNorm also centres)")
+    dtype = parts.dtype
+    wide = torch.promote_types(dtype, torch.float32) if spec.upcast else dtype
+    t = total.to(wide)
+    inv = torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + spec.eps)[..., None, :]  # [..., 1, 1]
+    shares = parts.to(wide) * inv
+    if spec.weight is None:
+        return shares.to(dtype)
+    return (shares * (spec.weight_offset + spec.weight.to(wide))).to(dtype)
 
 
 def _rotate_half(x: Tensor) -> Tensor:
@@ -120,8 +140,11 @@ def attention_scores(spec: AttentionSpec, q: Tensor, k: Tensor) -> Tensor:
 
 
 def attention_pattern(spec: AttentionSpec, q: Tensor, k: Tensor) -> Tensor:
-    """Softmax attention pattern [B, H, T_q, T_k] (computed in float32 like HF, then cast)."""
-    return torch.softmax(attention_scores(spec, q, k), dim=-1, dtype=torch.float32).to(q.dtype)
+    """Softmax attention pattern [B, H, T_q, T_k] (computed in float32 like HF, then cast).
+
+    Like ``apply_norm``, in *at least* float32: float64 stays float64 (finite differences)."""
+    wide = torch.promote_types(q.dtype, torch.float32)
+    return torch.softmax(attention_scores(spec, q, k), dim=-1, dtype=wide).to(q.dtype)
 
 
 def attend(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -150,7 +173,9 @@ def head_outputs(spec: AttentionSpec, z: Tensor) -> Tensor:
 
 Observer = Callable[[str, Tensor], None]
 """Called with intermediate tensors of a layer: ``q``, ``k``, ``v`` [B, T, H, d_head] and
-``pattern`` [B, H, T_q, T_k] (attention), ``heads`` [B, T, H, d], ``mlp_out`` [B, T, d]."""
+``pattern`` [B, H, T_q, T_k] (attention), ``heads`` [B, T, H, d], ``mlp_out`` [B, T, d].
+``heads`` and ``mlp_out`` are the raw outputs ``z_h @ W_O[h]`` and ``W_out(...)``, before any
+post-norm (Gemma): every path from the layer to the residual stream runs through them."""
 
 
 def attention_heads(
@@ -183,6 +208,31 @@ def mlp(spec: MLPSpec, norm: NormSpec, x: Tensor) -> Tensor:
     if spec.W_up is not None:
         act = act * F.linear(h, spec.W_up, spec.b_up)
     return F.linear(act, spec.W_out, spec.b_out)
+
+
+def mlp_sender(layer: LayerSpec, x: Tensor) -> Tensor:
+    """What the MLP sender of ``layer`` adds to the residual stream [B, T, d]: its output, through the
+    post-MLP norm where the model has one (Gemma)."""
+    out = mlp(layer.mlp, layer.mlp_norm, x)
+    return out if layer.post_mlp_norm is None else apply_norm(layer.post_mlp_norm, out)
+
+
+def head_senders(layer: LayerSpec, heads: Tensor) -> tuple[Tensor, Tensor]:
+    """(per-head sender outputs [B, T, H, d], what the attention adds to the residual [B, T, d])
+    from the raw per-head outputs ``z_h @ W_O[h]`` [B, T, H, d].
+
+    Without a post-attention norm the senders are the raw outputs and the residual gets their sum
+    plus ``b_O``. With one (Gemma) the residual gets ``post_norm(sum_h heads)`` exactly as HF
+    computes it and each head's sender output is its share of that (``post_norm_shares``)."""
+    total = heads.sum(dim=2)
+    post = layer.post_attn_norm
+    if post is None:
+        return heads, total if layer.attn.b_O is None else total + layer.attn.b_O
+    if layer.attn.b_O is not None:
+        raise NotImplementedError(
+            "an attention output bias inside a post-attention norm is not a constant of the graph"
+        )
+    return post_norm_shares(post, heads, total), apply_norm(post, total)
 
 
 def default_scale(d_head: int) -> float:

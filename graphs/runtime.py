@@ -11,6 +11,10 @@ MLPs) is recomputed on the patched inputs. Ablation values are any ``[1|B, 1|T, 
 a corrupted run's cache (``corrupted_values``), means over a reference set, zeros - or, for path
 patching, senders recorded from another intervened run.
 
+Post-norms (Gemma): a head's sender output is its share ``(1 + w) * (z_h W_O[h]) / rms(sum of the
+layer's heads in this run)`` of the normed attention output, an MLP's is its post-normed output;
+the scale is recomputed in every run (docs/gemma.md).
+
 The HF model is never called, hooked or modified: the runtime reads detached views of its weights
 through the ``ModelSpec`` built by an adapter.
 """
@@ -258,7 +262,15 @@ def run(
         if store is not None:
             _register_prefix(spec, store, start.senders, first)
         like = start.resid
-    rotary = spec.rotary(like, positions) if spec.rotary is not None else None
+    rotaries: dict[int, tuple[Tensor, Tensor]] = {}  # cos/sin per rotary function (Gemma 3 has two)
+
+    def rotary_at(layer: int) -> tuple[Tensor, Tensor] | None:
+        fn = spec.rotary_for(layer)
+        if fn is None:
+            return None
+        if id(fn) not in rotaries:
+            rotaries[id(fn)] = fn(like, positions)
+        return rotaries[id(fn)]
 
     qkv_inputs: list[Tensor] = []
     mlp_inputs: list[Tensor] = []
@@ -275,6 +287,7 @@ def run(
         else:
             x = None
         seen = None if observe is None else functools.partial(observe, layer)
+        rotary = rotary_at(layer)
         if x is None:
             heads = ops.attention_heads(lay.attn, lay.attn_norm, resid, resid, resid, rotary, seen)
         else:
@@ -284,11 +297,9 @@ def run(
             )  # [B, T, H, d]
         if seen is not None:
             seen("heads", heads)
-        attn_out = heads.sum(dim=2)
-        if lay.post_attn_norm is not None:
-            raise NotImplementedError("post-attention norms are handled by the Gemma runtime path")
-        if lay.attn.b_O is not None:
-            attn_out = attn_out + lay.attn.b_O
+        # the heads' sender outputs and what the attention adds to the residual: their sum plus b_O,
+        # or with a post-attention norm (Gemma) the normed sum and each head's share of it
+        heads, attn_out = ops.head_senders(lay, heads)
         first_head = g.head_sender(layer, 0)
 
         # ---- MLP: sees this layer's heads unless the block is parallel
@@ -306,6 +317,8 @@ def run(
         mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)  # [B, T, d]
         if seen is not None:
             seen("mlp_out", mlp_out)
+        if lay.post_mlp_norm is not None:  # Gemma: the MLP sender is the normed output
+            mlp_out = ops.apply_norm(lay.post_mlp_norm, mlp_out)
         if store is not None:
             if g.parallel_residual:
                 store.add(first_head, heads)

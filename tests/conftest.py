@@ -7,6 +7,10 @@ from collections.abc import Callable
 import pytest
 import torch
 from transformers import (
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -111,6 +115,71 @@ def _neox(parallel: bool) -> Callable[[], PreTrainedModel]:
     return build
 
 
+def _gemma_weights(model: PreTrainedModel, qk_gain: float, unembed_gain: float) -> PreTrainedModel:
+    """Make every Gemma feature matter: HF initialises the RMSNorm weights to 0 (a (1 + w) of 1),
+    so randomise them; scale queries and keys up so attention scores exceed the soft-cap, and the
+    (tied) embedding so the logits exceed the final soft-cap."""
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.normal_(0.0, 0.3)
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(qk_gain)
+            layer.self_attn.k_proj.weight.mul_(qk_gain)
+        model.model.embed_tokens.weight.mul_(unembed_gain)
+    return model
+
+
+def _gemma2() -> PreTrainedModel:
+    """Gemma 2: GQA (6 heads, 2 kv), head_dim 10 with d = 42, query_pre_attn_scalar 7 (not d_head),
+    window 4 on layers 0 and 2 (prompts are longer), attention and final soft-caps that bite."""
+    cfg = Gemma2Config(
+        num_hidden_layers=3,
+        num_attention_heads=6,
+        num_key_value_heads=2,
+        hidden_size=42,
+        head_dim=10,
+        intermediate_size=52,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=7,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=3.0,
+        initializer_range=0.1,
+        rope_parameters={"rope_type": "default", "rope_theta": 500.0},
+    )
+    return _gemma_weights(Gemma2ForCausalLM(cfg), qk_gain=2.5, unembed_gain=4.0)
+
+
+def _gemma3() -> PreTrainedModel:
+    """Gemma 3 text: MQA (5 heads, 1 kv), QK-norm, window 3 on local layers, local and global rotary
+    with different bases (and linear rope scaling on global layers, as the 4B+ models have), a final
+    soft-cap that bites. Its attn_logit_softcapping is set but HF's Gemma 3 attention ignores it."""
+    cfg = Gemma3TextConfig(
+        num_hidden_layers=3,
+        num_attention_heads=5,
+        num_key_value_heads=1,
+        hidden_size=45,
+        head_dim=8,
+        intermediate_size=38,
+        vocab_size=VOCAB,
+        max_position_embeddings=64,
+        sliding_window=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        query_pre_attn_scalar=12,
+        attn_logit_softcapping=1.0,
+        final_logit_softcapping=2.5,
+        initializer_range=0.1,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+            "full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 10_000.0},
+        },
+    )
+    return _gemma_weights(Gemma3ForCausalLM(cfg), qk_gain=2.5, unembed_gain=4.0)
+
+
 def _gpt2_mini() -> PreTrainedModel:
     """Two layers of three heads (103 edges): small enough for searches checked edge by edge."""
     return GPT2LMHeadModel(
@@ -142,7 +211,12 @@ TINY_MODELS: dict[str, Callable[[], PreTrainedModel]] = {
     "qwen2-bias": _qwen2,
     "neox-parallel": _neox(True),
     "neox-sequential": _neox(False),
+    "gemma2": _gemma2,
+    "gemma3": _gemma3,
 }
+
+POST_NORM_MODELS: frozenset[str] = frozenset({"gemma2", "gemma3"})
+"""Tiny models whose layers have post-attention / post-MLP norms (Gemma: docs/gemma.md)."""
 
 
 def make_tiny(name: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> PreTrainedModel:

@@ -5,6 +5,11 @@ This is the independent oracle for the runtime (exactness contract item 3). It s
 clean and a corrupted run, then reruns the clean prompts with one receiver's input shifted by
 ``a~_u - a_u``. Grouped-query models are first rewritten as the equivalent model with one key/value
 head per query head, so that one head's key or value input can be changed alone.
+
+Gemma's post-norms (docs/gemma.md): an MLP sender's output is what ``post_feedforward_layernorm``
+returns; a head's is its share of what ``post_attention_layernorm`` returns,
+``(1 + w) * (z_h @ W_O[h]) / rms(o_proj output)``, computed here from the HF modules' own
+tensors in float32 (the share definition, written out independently of ``graphs.ops``).
 """
 
 from __future__ import annotations
@@ -32,6 +37,8 @@ class Parts:
     n_heads: int
     d_head: int
     conv1d_out: bool  # GPT-2 Conv1D (weight [in, out]) vs nn.Linear ([out, in])
+    post_attn_norms: list[nn.Module] | None = None  # Gemma: norm of the summed attention output
+    post_mlp_norms: list[nn.Module] | None = None  # Gemma: norm of the MLP output
 
 
 def ungroup_kv(model: PreTrainedModel) -> PreTrainedModel:
@@ -42,7 +49,8 @@ def ungroup_kv(model: PreTrainedModel) -> PreTrainedModel:
         return model
     group = H // H_kv
     cfg.num_key_value_heads = H
-    wide = type(model)(cfg).to(model.dtype).eval()
+    with _no_init_weights():  # every parameter is loaded below; random init of a real model takes seconds
+        wide = type(model)(cfg).to(model.dtype).eval()
     state = model.state_dict()
     dh = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
     for key, value in list(state.items()):
@@ -51,6 +59,14 @@ def ungroup_kv(model: PreTrainedModel) -> PreTrainedModel:
             state[key] = shaped.repeat_interleave(group, dim=0).reshape(H * dh, *value.shape[1:])
     wide.load_state_dict(state)
     return wide
+
+
+def _no_init_weights():
+    try:
+        from transformers.initialization import no_init_weights
+    except ImportError:  # transformers 4
+        from transformers.modeling_utils import no_init_weights
+    return no_init_weights()
 
 
 def parts_of(model: PreTrainedModel) -> Parts:
@@ -90,6 +106,18 @@ def parts_of(model: PreTrainedModel) -> Parts:
         return Parts(base.embed_in, [b.input_layernorm for b in base.layers],
                      [b.post_attention_layernorm for b in base.layers], [b.mlp for b in base.layers],
                      [b.attention.dense for b in base.layers], qkv, base.final_layer_norm, H, dh, False)
+    if mt in ("gemma2", "gemma3_text"):
+        base = model.model
+        H = model.config.num_attention_heads
+        dh = model.config.head_dim
+        col = lambda h, dh: slice(h * dh, (h + 1) * dh)  # noqa: E731
+        qkv = [{"q": (b.self_attn.q_proj, col), "k": (b.self_attn.k_proj, col), "v": (b.self_attn.v_proj, col)}
+               for b in base.layers]
+        return Parts(base.embed_tokens, [b.input_layernorm for b in base.layers],
+                     [b.pre_feedforward_layernorm for b in base.layers], [b.mlp for b in base.layers],
+                     [b.self_attn.o_proj for b in base.layers], qkv, base.norm, H, dh, False,
+                     post_attn_norms=[b.post_attention_layernorm for b in base.layers],
+                     post_mlp_norms=[b.post_feedforward_layernorm for b in base.layers])
     raise ValueError(f"no hook oracle for {mt}")
 
 
@@ -108,11 +136,21 @@ def capture_sender(model: PreTrainedModel, parts: Parts, ids: Tensor, edge: Edge
     if node.kind is NodeKind.INPUT:
         handle = parts.embed.register_forward_hook(lambda m, a, out: store.__setitem__("x", out))
     elif node.kind is NodeKind.MLP:
-        handle = parts.mlps[node.layer].register_forward_hook(lambda m, a, out: store.__setitem__("x", out))
-    else:
+        # with a post-MLP norm the sender is the normed output
+        module = parts.mlps[node.layer] if parts.post_mlp_norms is None else parts.post_mlp_norms[node.layer]
+        handle = module.register_forward_hook(lambda m, a, out: store.__setitem__("x", out))
+    elif parts.post_attn_norms is None:
         def grab(m, args):
             store["x"] = _head_output(parts, node.layer, node.head, args[0])
         handle = parts.out_projs[node.layer].register_forward_pre_hook(grab)
+    else:
+        norm = parts.post_attn_norms[node.layer]
+
+        def share(m, args, out):  # out: o_proj's output, the sum of every head of the layer in this run
+            head = _head_output(parts, node.layer, node.head, args[0]).float()
+            inv_rms = torch.rsqrt(out.float().pow(2).mean(-1, keepdim=True) + norm.eps)
+            store["x"] = (head * inv_rms * (1.0 + norm.weight.float())).to(out.dtype)
+        handle = parts.out_projs[node.layer].register_forward_hook(share)
     try:
         with torch.no_grad():
             model(ids)

@@ -27,7 +27,7 @@ def _constants(spec: ModelSpec, T: int) -> torch.Tensor:
     return c
 
 
-@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "qwen2-bias"])
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "qwen2-bias", "gemma2", "gemma3"])
 def test_senders_sum_to_final_residual(name: str) -> None:
     """The residual-stream rewrite: logits = unembed(c + sum of every sender's output)."""
     spec = _spec(name)
@@ -40,8 +40,9 @@ def test_senders_sum_to_final_residual(name: str) -> None:
     assert torch.equal(out.senders[:, :, 0], embedded)
 
 
-def test_per_row_masks_equal_separate_runs() -> None:
-    spec = _spec()
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2", "gemma3"])
+def test_per_row_masks_equal_separate_runs(name: str) -> None:
+    spec = _spec(name)
     g = spec.graph
     clean, corrupted = random_ids(1, 9, seed=1), random_ids(1, 9, seed=2)
     values = rt.corrupted_values(spec, corrupted)
@@ -55,10 +56,11 @@ def test_per_row_masks_equal_separate_runs() -> None:
     assert not torch.allclose(batched[0], batched[1], atol=1e-3)
 
 
-def test_fractional_mask_on_logits_interpolates_residuals() -> None:
+@pytest.mark.parametrize("name", ["gpt2", "gemma2"])
+def test_fractional_mask_on_logits_interpolates_residuals(name: str) -> None:
     """With only the edges into logits ablated by a fraction f, the final residual is the clean one
     moved a fraction f of the way to the corrupted one (all constants cancel)."""
-    spec = _spec("gpt2")
+    spec = _spec(name)
     g = spec.graph
     clean, corrupted = random_ids(2, 8, seed=3), random_ids(2, 8, seed=4)
     values = rt.corrupted_values(spec, corrupted)
@@ -74,7 +76,7 @@ def test_fractional_mask_on_logits_interpolates_residuals() -> None:
     assert torch.allclose(ours, expected, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-mqa"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-mqa", "gemma3"])
 def test_zero_ablating_everything_leaves_only_constants(name: str) -> None:
     spec = _spec(name)
     ids = random_ids(2, 7)
@@ -122,7 +124,7 @@ def test_input_embedding_override() -> None:
     assert not torch.allclose(a, c)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel", "gemma2", "gemma3"])
 def test_receiver_gradients_match_mask_gradients(name: str) -> None:
     """d m / d M[u, r] = sum_{b,t} (A_u - a_u) . d m / d in_r : the runtime's receiver gradients
     agree with autograd through the mask itself (this is the EAP identity)."""
@@ -142,8 +144,9 @@ def test_receiver_gradients_match_mask_gradients(name: str) -> None:
     assert predicted.abs().max() > 1e-3
 
 
-def test_receiver_gradients_match_finite_differences() -> None:
-    spec = _spec("qwen2-bias", torch.float64)
+@pytest.mark.parametrize("name", ["qwen2-bias", "gemma2", "gemma3"])
+def test_receiver_gradients_match_finite_differences(name: str) -> None:
+    spec = _spec(name, torch.float64)
     g = spec.graph
     clean, corrupted = random_ids(2, 6, seed=7), random_ids(2, 6, seed=8)
     values = rt.corrupted_values(spec, corrupted)
@@ -207,7 +210,7 @@ def _paths_agree(spec: ModelSpec, ids: torch.Tensor, mask: torch.Tensor, values:
 
 
 @pytest.mark.parametrize("density", [0.02, 0.5, 0.97])
-@pytest.mark.parametrize("name", ["gpt2", "neox-parallel"])
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "gemma2"])
 def test_fast_mixer_equals_plain_einsum(name: str, density: float) -> None:
     spec = _spec(name)
     g = spec.graph
@@ -255,7 +258,7 @@ def test_sparse_edits_equal_one_hot_masks() -> None:
     assert torch.allclose(sparse, dense, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "llama-mqa"])
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "llama-mqa", "gemma3"])
 def test_checkpoint_resume_equals_full_run(name: str) -> None:
     spec = _spec(name)
     g = spec.graph

@@ -7,10 +7,10 @@ from types import ModuleType
 
 from transformers import PreTrainedModel
 
-from graphs.adapters import gpt2, llama, neox
+from graphs.adapters import gemma, gpt2, llama, neox
 from graphs.adapters.spec import ModelSpec
 
-_FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, neox)
+_FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, neox, gemma)
 
 
 class UnsupportedArchitecture(ValueError):

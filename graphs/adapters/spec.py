@@ -55,6 +55,7 @@ class AttentionSpec:
     sliding_window: int | None = None  # keys at most this far back (Mistral, Gemma)
     q_norm: NormSpec | None = None  # per-head norm of queries / keys (Gemma 3)
     k_norm: NormSpec | None = None
+    rotary: RotaryFn | None = None  # this layer's own rotary (Gemma 3: local / global bases); see ModelSpec.rotary_for
 
     @property
     def n_heads(self) -> int:
@@ -122,6 +123,12 @@ class ModelSpec:
     rotary: RotaryFn | None = None
     final_softcap: float | None = None
     max_positions: int | None = None
+
+    def rotary_for(self, layer: int) -> RotaryFn | None:
+        """The rotary embedding of ``layer``: its own (``AttentionSpec.rotary``) if it has one, else the
+        model's. Use this, not ``rotary``, wherever a layer's queries and keys are computed."""
+        own = self.layers[layer].attn.rotary
+        return own if own is not None else self.rotary
 
     @property
     def n_layers(self) -> int:
