@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import Tensor
 
+from circuits.checkpoint import Checkpointer
 from graphs.circuit import Circuit
 from graphs.graph import SLOTS, ComputationGraph
 from graphs.scores import EdgeScores
@@ -291,6 +292,7 @@ def minimal_circuit(
     prune_dangling: bool = True,
     absolute: bool = True,
     baseline: Baseline | None = None,
+    checkpoint: Checkpointer | None = None,
 ) -> MinimalCircuit:
     """The smallest selection size ``n`` in ``[1, n_edges]`` whose circuit reaches ``target``
     faithfulness, by bisection over ``n``.
@@ -302,8 +304,12 @@ def minimal_circuit(
     ``n`` with ``f(n) >= target`` such that every evaluated ``n' < n`` had ``f(n') < target``; in
     particular ``n - 1`` was evaluated and missed the target (unless ``n = 1``). Every evaluated
     point is reported. One dataset pass per point; about ``log2(n_edges) + 1`` points.
+
+    ``checkpoint``: every evaluated point is saved (atomically) as it is measured; a resumed search
+    replays the bisection and takes saved points from the file instead of the dataset, so it
+    evaluates the same sizes and returns the same circuit.
     """
-    from circuits.evaluate import faithfulness, reference_metrics
+    from circuits.evaluate import Faithfulness, faithfulness, reference_metrics
 
     if isinstance(target, bool) or not isinstance(target, numbers.Real) or not (0.0 < float(target) <= 1.0):
         raise PruneError(f"target faithfulness must be a number in (0, 1], got {target!r}")
@@ -315,12 +321,25 @@ def minimal_circuit(
     g = scores.graph
     points: list[SearchPoint] = []
     results: dict[int, tuple[Circuit, Faithfulness]] = {}
+    known: dict[int, tuple[int, float, float]] = {}  # n -> (n_edges, faithfulness, m(C)) from a progress file
+    saved = None if checkpoint is None else checkpoint.load()
+    if saved is not None:
+        for n, n_edges, f_value, m_value in saved[1]["points"]:
+            known[int(n)] = (int(n_edges), float(f_value), float(m_value))
+    measured: list[list[float | int]] = [] if saved is None else list(saved[1]["points"])
 
     def evaluate(n: int) -> float:
         circuit = select(scores, n, selection, absolute)
         if prune_dangling:
             circuit = remove_dangling(circuit)
-        f = faithfulness(experiment, circuit, base)
+        if n in known and known[n][0] == circuit.n_edges:
+            _, value, m = known[n]
+            f = Faithfulness(value, m, base.m_full, base.m_empty, circuit.n_edges)
+        else:
+            f = faithfulness(experiment, circuit, base)
+            if checkpoint is not None:
+                measured.append([n, circuit.n_edges, f.value, f.m_circuit])
+                checkpoint.save({}, {"points": measured})
         results[n] = (circuit, f)
         points.append(SearchPoint(n, circuit.n_edges, f.value))
         return f.value

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, TypeVar
@@ -117,6 +118,10 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
         raise click.BadParameter(f"config file {value} is not valid TOML: {err}", ctx=ctx, param=param) from None
+    except RecursionError:
+        raise click.BadParameter(f"config file {value} is nested too deeply", ctx=ctx, param=param) from None
+    except OSError as err:
+        raise click.BadParameter(f"config file {value} cannot be read: {err.strerror or err}", ctx=ctx, param=param) from None
     name = ctx.command.name or ""
     table = data.get(name, {})
     if not isinstance(table, dict):
@@ -131,6 +136,7 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         )
 
     values: dict[str, Any] = {}
+    given: dict[str, str] = {}  # parameter name -> the key as the file wrote it (for messages)
     for key, item in data.items():
         if isinstance(item, dict):
             if key != name and key not in commands:
@@ -142,6 +148,7 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         dest = known.get(key.replace("_", "-"))
         if dest is not None:
             values[dest] = item
+            given[dest] = key
         elif key.replace("_", "-") not in elsewhere:
             raise unknown(key, "")
     for key, item in table.items():
@@ -149,6 +156,30 @@ def _read_config(ctx: click.Context, param: click.Parameter, value: str | None) 
         if dest is None:
             raise unknown(key, f" (in [{name}])")
         values[dest] = item
+        given[dest] = key
+    params = {p.name: p for p in ctx.command.params}
+    for dest, item in values.items():  # settings are scalars: a list, table, date or NaN is a mistake
+        target = params.get(dest)
+        kind = None if target is None else target.type
+        if isinstance(kind, click.types.BoolParamType):
+            if not isinstance(item, bool):
+                raise click.BadParameter(f"setting {given[dest]!r} in {value} must be true or false, got {item!r}",
+                                         ctx=ctx, param=target or param)
+        elif isinstance(kind, (click.types.IntParamType, click.types.FloatParamType)):
+            if isinstance(item, bool) or not isinstance(item, (int, float, str)):
+                raise click.BadParameter(f"setting {given[dest]!r} in {value} must be a number, got {item!r}",
+                                         ctx=ctx, param=target or param)
+        elif kind is not None and not isinstance(item, str):  # paths, names, choices
+            raise click.BadParameter(f"setting {given[dest]!r} in {value} must be a string, got {item!r}",
+                                     ctx=ctx, param=target or param)
+        if isinstance(item, float) and not math.isfinite(item):
+            raise click.BadParameter(f"setting {given[dest]!r} in {value} must be a finite number, got {item}",
+                                     ctx=ctx, param=target or param)
+        if not isinstance(item, (str, int, float, bool)):
+            raise click.BadParameter(
+                f"setting {given[dest]!r} in {value} must be a string, number or true/false, "
+                f"got {type(item).__name__}", ctx=ctx, param=target or param,
+            )
     ctx.default_map = {**(ctx.default_map or {}), **values}
     return value
 

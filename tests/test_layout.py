@@ -12,7 +12,12 @@ from transformers import BertConfig, OPTConfig, OPTForCausalLM
 from graphs.adapters import UnsupportedArchitecture, build_spec, family_of
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN = {"graphs": {"circuits", "cli"}, "circuits": {"cli"}, "cli": set()}
+FORBIDDEN = {
+    "graphs": {"circuits", "cli", "groundtruth", "benchmarks"},
+    "circuits": {"cli", "groundtruth", "benchmarks"},
+    "cli": {"groundtruth", "benchmarks"},
+    "groundtruth": {"cli"},
+}
 
 
 def _imported_top_levels(path: Path) -> set[str]:

@@ -30,7 +30,7 @@ def _mean_metric(exp: Experiment, logits_fn) -> float:
     return total / exp.n_prompts
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel"])
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel", "gemma3"])
 def test_edge_patching_matches_hooks_and_masks(name: str) -> None:
     exp = _experiment(name, metric="logit_diff")
     scores = edge_patching(exp, max_rows=64)
@@ -113,7 +113,7 @@ def _explicit_path_patching(exp: Experiment, sender: int, receivers: list[int]) 
     return total / exp.n_prompts
 
 
-@pytest.mark.parametrize("name", ["gpt2", "neox-parallel"])
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "gemma2"])
 def test_path_patching_equals_explicit_two_runs(name: str) -> None:
     exp = _experiment(name)
     g = exp.spec.graph

@@ -15,6 +15,14 @@ candidates of a receiver one batched pass evaluates the k cumulative removals (m
 the decisions are replayed in order, and evaluation restarts after the first rejection. The masks
 evaluated - and therefore the circuit - are exactly those of the plain sequential algorithm.
 Every pass resumes from a clean checkpoint at the receiver's layer.
+
+Long runs: ``checkpoint=`` saves the whole search state (removed edges, scores, the current metric,
+the position in the receiver loop and the speculation width) after every pass, atomically; a run
+resumed from it evaluates exactly the masks the uninterrupted run would have, so it ends with the
+same circuit. On a shard of a distributed run (``circuits.distributed``) every mask's metric sum is
+all-reduced over the ranks, so every rank takes the same decisions; rank 0 alone writes progress.
+Prepared batches (clean runs and ablation values) are cached up to ``cache_floats`` floats; the
+rest of the dataset is prepared again for every pass, so memory stays bounded on large datasets.
 """
 
 from __future__ import annotations
@@ -24,13 +32,18 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from circuits.checkpoint import Checkpointer, CheckpointError, batches_from, restore
+from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
+from circuits.numerics import score
 from circuits.progress import progress_bar
 from graphs import runtime as rt
 from graphs.circuit import Circuit
 from graphs.graph import ComputationGraph
 from graphs.ids import NodeKind
 from graphs.scores import EdgeScores
+
+CACHE_FLOATS = 2**28  # prepared batches kept in memory between passes (1 GiB of float32)
 
 
 @dataclass(frozen=True)
@@ -43,21 +56,46 @@ class ACDCResult:
     passes: int  # batched evaluation rounds
 
 
-class _Evaluator:
-    """Dataset-mean metric of K masks at once, resumed at a layer; batches are prepared once."""
+def _floats(batch: PreparedBatch, clean: rt.CleanRun) -> int:
+    return sum(t.numel() for t in (clean.resid, clean.senders, clean.logits, batch.ablation.values))
 
-    def __init__(self, experiment: Experiment, max_rows: int) -> None:
+
+class _Evaluator:
+    """Dataset-mean metric of K masks at once, resumed at a layer.
+
+    Batches (with their clean runs) are prepared once and cached while they fit in
+    ``cache_floats``; later batches are prepared again on every pass. On a distributed shard the
+    sums are all-reduced, so the means are those of the whole dataset on every rank."""
+
+    def __init__(self, experiment: Experiment, max_rows: int, cache_floats: int = CACHE_FLOATS) -> None:
         self.experiment = experiment
         self.max_rows = max_rows
-        self.prepared: list[tuple[PreparedBatch, rt.CleanRun]] = [
-            (b, rt.clean_run(experiment.spec, b.clean_ids, b.read_positions)) for b in experiment.batches()
-        ]
+        self.reducer = reducer(experiment)
+        self.n_total = self.reducer.count(experiment.n_prompts)
+        self.prepared: list[tuple[PreparedBatch, rt.CleanRun]] = []
+        self.cached_all = True
+        used = 0
+        for b in experiment.batches():
+            clean = rt.clean_run(experiment.spec, b.clean_ids, b.read_positions)
+            used += _floats(b, clean)
+            if used > cache_floats and self.prepared:
+                self.cached_all = False
+                break
+            self.prepared.append((b, clean))
         self.evaluations = 0
         self.passes = 0
 
+    def _all(self):  # type: ignore[no-untyped-def]
+        yield from self.prepared
+        if not self.cached_all:
+            for b in batches_from(self.experiment, len(self.prepared)):
+                yield b, rt.clean_run(self.experiment.spec, b.clean_ids, b.read_positions)
+
     def full(self) -> float:
-        total = sum(float(b.score(c.logits).sum()) for b, c in self.prepared)
-        return total / self.experiment.n_prompts
+        total = torch.zeros((), dtype=torch.float64)
+        for b, c in self._all():
+            total += score(self.experiment, b, c.logits).double().sum()
+        return float(self.reducer.sum(total)) / self.n_total
 
     @torch.no_grad()
     def __call__(self, masks: Tensor, layer: int) -> Tensor:
@@ -65,7 +103,7 @@ class _Evaluator:
         spec = self.experiment.spec
         K = masks.shape[0]
         sums = torch.zeros(K, dtype=torch.float64)
-        for batch, clean in self.prepared:
+        for batch, clean in self._all():
             P = batch.size
             step = max(1, self.max_rows // P)
             checkpoint = clean.at(spec, layer)
@@ -80,10 +118,10 @@ class _Evaluator:
                     read_positions=batch.read_positions.repeat(k),
                     start=checkpoint,
                 ).logits
-                sums[lo : lo + k] += batch.score(logits.view(k, P, -1)).sum(1).double()
+                sums[lo : lo + k] += score(self.experiment, batch, logits.view(k, P, -1)).sum(1).double()
         self.evaluations += K
         self.passes += 1
-        return (sums / self.experiment.n_prompts).float()
+        return (self.reducer.sum(sums) / self.n_total).float()
 
 
 def _layer_of(graph: ComputationGraph, receiver: int) -> int:
@@ -99,6 +137,26 @@ def _sender_of_receiver(graph: ComputationGraph, receiver: int) -> int | None:
     return graph.sender_index(node)
 
 
+@dataclass
+class _State:
+    """Everything the search needs to continue: the next unit is candidate ``i`` of receiver ``r``."""
+
+    removed: Tensor  # [S, R] bool
+    scores: Tensor  # [S, R] float32
+    current: float
+    r: int
+    i: int
+    width: int
+    evaluations: int = 0
+    passes: int = 0
+
+    def save(self, checkpoint: Checkpointer | None, is_root: bool, full: float, tau: float) -> None:
+        if checkpoint is not None and is_root:
+            meta = {"current": self.current, "r": self.r, "i": self.i, "width": self.width, "full": full,
+                    "evaluations": self.evaluations, "passes": self.passes, "tau": tau}
+            checkpoint.save({"removed": self.removed, "scores": self.scores}, meta)
+
+
 def acdc(
     experiment: Experiment,
     tau: float,
@@ -106,37 +164,58 @@ def acdc(
     max_speculation: int = 64,
     max_rows: int = 256,
     progress: bool = False,
+    checkpoint: Checkpointer | None = None,
+    cache_floats: int = CACHE_FLOATS,
 ) -> ACDCResult:
-    """Run ACDC with threshold ``tau`` on ``experiment`` (its metric; KL is the usual choice)."""
+    """Run ACDC with threshold ``tau`` on ``experiment`` (its metric; KL is the usual choice).
+
+    ``checkpoint``: save the search state after every pass and continue from a saved one (see the
+    module docstring); ``cache_floats``: memory for prepared batches kept between passes."""
     if tau < 0:
         raise ValueError("tau must be non-negative")
     if speculation < 1 or max_speculation < speculation:
         raise ValueError("need 1 <= speculation <= max_speculation")
     g = experiment.spec.graph
-    evaluate = _Evaluator(experiment, max_rows)
-    removed = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool)
-    scores = torch.zeros(g.n_senders, g.n_receivers)
+    evaluate = _Evaluator(experiment, max_rows, cache_floats)
+    red = evaluate.reducer
     edge_mask = g.edge_mask
     full = evaluate.full()
-    current = full
-    width = speculation
+    state = _State(
+        torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool), torch.zeros(g.n_senders, g.n_receivers),
+        full, g.n_receivers - 1, 0, speculation,
+    )
+    saved = red.broadcast_state(checkpoint.load() if checkpoint is not None and red.is_root else None)
+    if saved is not None:
+        tensors, meta = saved
+        where = checkpoint.path if checkpoint is not None else "the progress file"
+        restore(tensors, {"removed": state.removed, "scores": state.scores}, where)
+        if float(meta.get("tau", tau)) != float(tau):
+            raise CheckpointError(f"progress file {where} was made with tau={meta['tau']}, not {tau}")
+        state.current, state.r, state.i, state.width = float(meta["current"]), int(meta["r"]), int(meta["i"]), int(meta["width"])
+        state.evaluations, state.passes = int(meta["evaluations"]), int(meta["passes"])
+        evaluate.evaluations, evaluate.passes = state.evaluations, state.passes
+    removed, scores = state.removed, state.scores
     bar = progress_bar(g.n_edges, f"ACDC (tau={tau:g})", progress, "edge")
-    for r in reversed(range(g.n_receivers)):
+    bar.update(sum(g.n_upstream[r] for r in range(state.r + 1, g.n_receivers)) + state.i)
+    while state.r >= 0:
+        r = state.r
         candidates = list(reversed(range(g.n_upstream[r])))
         owner = _sender_of_receiver(g, r)
-        if owner is not None and not bool((edge_mask[owner] & ~removed[owner]).any()):
+        if state.i == 0 and owner is not None and not bool((edge_mask[owner] & ~removed[owner]).any()):
             removed[candidates, r] = True  # nothing downstream reads this node: its inputs cannot matter
             bar.update(len(candidates))
+            state.r, state.i = r - 1, 0
+            state.save(checkpoint, red.is_root, full, tau)
             continue
         layer = _layer_of(g, r)
-        i = 0
-        while i < len(candidates):
+        while state.r == r and state.i < len(candidates):
+            i, width = state.i, state.width
             k = min(width, len(candidates) - i)
             trial = removed.unsqueeze(0).repeat(k, 1, 1)
             for j in range(k):
                 trial[j:, candidates[i + j], r] = True  # trial j removes candidates i .. i+j
             values = evaluate(trial, layer)
-            previous = current
+            previous = state.current
             accepted = k
             for j in range(k):
                 value = float(values[j])
@@ -147,19 +226,25 @@ def acdc(
                     accepted = j  # candidates i .. i+j-1 removed, i+j kept
                     break
             removed[candidates[i : i + accepted], r] = True
-            current = previous
+            state.current = previous
             tried = accepted + (0 if accepted == k else 1)
-            i += tried
+            state.i = i + tried
             bar.update(tried)
-            width = min(max_speculation, width * 2) if accepted == k else max(1, accepted + 1)
+            state.width = min(max_speculation, width * 2) if accepted == k else max(1, accepted + 1)
+            state.evaluations, state.passes = evaluate.evaluations, evaluate.passes
+            if state.i >= len(candidates):
+                state.r, state.i = r - 1, 0
+            state.save(checkpoint, red.is_root, full, tau)
+        if state.r == r:  # a receiver without candidates
+            state.r, state.i = r - 1, 0
     bar.close()
     kept = edge_mask & ~removed
     settings = {
         "tau": tau,
         "metric": experiment.metric.name,
         "ablation": experiment.ablation,
-        "n_prompts": experiment.n_prompts,
+        "n_prompts": evaluate.n_total,
     }
     edge_scores = EdgeScores(g, scores, "acdc", settings)
     circuit = Circuit(g, kept, edge_scores, {"method": "acdc", "method_settings": settings})
-    return ACDCResult(circuit, edge_scores, current, full, evaluate.evaluations, evaluate.passes)
+    return ACDCResult(circuit, edge_scores, state.current, full, state.evaluations, state.passes)

@@ -28,6 +28,12 @@ All give ``EdgeScores`` in the convention of the exact methods: a first-order es
   never dropped for that edge.
 
 A KL metric has zero gradient at the clean point, so EAP and AtP* refuse it (EAP-IG accepts it).
+
+Scale and hygiene (docs/scale.md): scores are accumulated in float64 from products formed in
+float32 or wider (half-precision deltas and gradients are cast per block); a non-finite logit,
+metric, gradient or delta stops the run naming the prompt; ``checkpoint=`` saves the partial sums
+after every batch; on a distributed shard the partial sums are all-reduced (AtP*'s estimates before
+they are combined), so every rank returns the whole dataset's scores.
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from circuits.checkpoint import BatchProgress, Checkpointer
+from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
+from circuits.numerics import check_finite, score, wide
 from circuits.progress import progress_bar
 from graphs import ops
 from graphs import runtime as rt
@@ -77,21 +86,54 @@ def _refuse_kl(experiment: Experiment, method: str) -> None:
 
 # --------------------------------------------------------------------------- streaming accumulation
 
+DELTA_CHUNK = 16  # senders per chunk when the [S, B*T*d] delta rows are assembled
+
+
+def _delta_rows(ablated: Tensor, senders: Tensor) -> Tensor:
+    """``A - a`` as a contiguous ``[S, B*T*d]`` matrix (float32 for half-precision models), built
+    ``DELTA_CHUNK`` senders at a time so no second ``[B, T, S, d]`` temporary is ever held.
+
+    ``ablated`` [1|B, 1|T, S, d] (the ablation values), ``senders`` [B, T, S, d] (``a``)."""
+    B, T, S, d = senders.shape
+    dtype = wide(torch.empty((), dtype=senders.dtype)).dtype
+    rows = torch.empty(S, B * T * d, dtype=dtype, device=senders.device)
+    for lo in range(0, S, DELTA_CHUNK):
+        hi = min(S, lo + DELTA_CHUNK)
+        diff = ablated[:, :, lo:hi].expand(B, T, hi - lo, d) - senders[:, :, lo:hi]  # [B, T, k, d]
+        rows[lo:hi] = diff.permute(2, 0, 1, 3).reshape(hi - lo, -1)
+    return rows
+
+
+def _prompt_view(rows: Tensor, B: int) -> Tensor:
+    """Delta rows [S, B*T*d] viewed per prompt: [B, S, T*d] (for error messages)."""
+    return rows.view(rows.shape[0], B, -1).transpose(0, 1)
+
+
+def _block_scores(rows: Tensor, grad: Tensor, n_up: int) -> Tensor:
+    """``sum_{b,t} D[b,t,u] . grad[b,t,r]`` for the first ``n_up`` senders: [n_up, R_block] in float32
+    (or wider); ``grad`` [B, T, R_block, d] or [B, T, d]."""
+    grad = grad if grad.dim() == 4 else grad[:, :, None, :]  # [B, T, R_block, d]
+    columns = wide(grad).permute(0, 1, 3, 2).reshape(-1, grad.shape[2])  # [B*T*d, R_block]
+    return rows[:n_up] @ columns.to(rows.dtype)
+
 
 class _ScoreSink:
     """Adds ``sum_{b,t} D[b,t,u] . grad_r[b,t]`` into ``scores[u, r]`` as receiver gradients arrive.
 
     The deltas are held once as a contiguous ``[S, B*T*d]`` matrix, so each receiver block costs one
-    matrix product with a prefix of its rows (no per-layer copies of the deltas)."""
+    matrix product with a prefix of its rows (no per-layer copies of the deltas). Products are
+    formed in float32 at least and added into the float64 accumulator; a block that is not finite
+    stops the run naming the prompts whose gradient or delta is at fault."""
 
-    def __init__(self, graph: ComputationGraph, scores: Tensor) -> None:
-        self.graph = graph
+    def __init__(self, experiment: Experiment, batch: PreparedBatch, scores: Tensor) -> None:
+        self.experiment = experiment
+        self.batch = batch
+        self.graph = experiment.spec.graph
         self.scores = scores  # [S, R] float64 accumulator
 
-    def attach(self, receivers: rt.ReceiverInputs, deltas: Tensor, weight: float) -> None:
-        """Register gradient hooks on every receiver input; deltas [B, T, S, d] (detached)."""
+    def attach(self, receivers: rt.ReceiverInputs, rows: Tensor, weight: float) -> None:
+        """Register gradient hooks on every receiver input; ``rows`` [S, B*T*d] from ``_delta_rows``."""
         g = self.graph
-        rows = deltas.permute(2, 0, 1, 3).reshape(deltas.shape[2], -1).contiguous()  # [S, B*T*d]
         for layer, (qkv, mlp) in enumerate(zip(receivers.qkv, receivers.mlp, strict=True)):
             self._hook(qkv, rows, g.attention_upstream(layer), g.qkv_receivers(layer), weight)
             r = g.mlp_receiver(layer)
@@ -101,28 +143,30 @@ class _ScoreSink:
 
     def _hook(self, tensor: Tensor, rows: Tensor, n_up: int, cols: slice, weight: float) -> None:
         def on_grad(grad: Tensor) -> None:
-            grad = grad if grad.dim() == 4 else grad[:, :, None, :]  # [B, T, R_block, d]
-            columns = grad.permute(0, 1, 3, 2).reshape(-1, grad.shape[2])  # [B*T*d, R_block]
-            self.scores[:n_up, cols] += weight * (rows[:n_up] @ columns).double()  # [n_up, R_block]
+            block = _block_scores(rows, grad, n_up)  # [n_up, R_block]
+            check_finite(block, self.experiment, self.batch, "an EAP score (delta . gradient)",
+                         (("the gradient", grad), ("the delta A - a", _prompt_view(rows, grad.shape[0]))))
+            self.scores[:n_up, cols] += weight * block.double()
 
         tensor.register_hook(on_grad)
 
 
 def _gradient_pass(
-    spec: ModelSpec,
+    experiment: Experiment,
     batch: PreparedBatch,
     scores: Tensor,
     weight: float,
     *,
-    deltas: Tensor | None = None,
+    rows: Tensor | None = None,
     input_embeddings: Tensor | None = None,
     mask: Tensor | None = None,
 ) -> None:
     """One forward + backward on the batch's clean prompts, accumulating EAP-style scores.
 
-    ``deltas`` [B, T, S, d]: fixed ``A - a`` (None: ``A - a`` with ``a`` from this very run - the
+    ``rows`` [S, B*T*d]: fixed ``A - a`` (None: ``A - a`` with ``a`` from this very run - the
     clean senders for EAP, the interpolated ones for the activation variant). ``weight`` scales this
     pass (1 / (prompts * steps))."""
+    spec = experiment.spec
     with torch.enable_grad():
         out = rt.run(
             spec,
@@ -132,35 +176,46 @@ def _gradient_pass(
             input_embeddings=input_embeddings,
             read_positions=batch.read_positions,
             keep_receivers=True,
-            keep_senders=deltas is None,
+            keep_senders=rows is None,
         )
         assert out.receivers is not None
-        if deltas is None:
+        receivers, logits = out.receivers, out.logits
+        if rows is None:
             assert out.senders is not None
-            deltas = (batch.ablation.values - out.senders).detach()
-        _ScoreSink(spec.graph, scores).attach(out.receivers, deltas, weight)
-        value = batch.score(out.logits).sum()
+            rows = _delta_rows(batch.ablation.values.detach(), out.senders.detach())
+        del out  # the kept senders are not needed by the backward pass
+        _ScoreSink(experiment, batch, scores).attach(receivers, rows, weight)
+        value = score(experiment, batch, logits).sum()
         value.backward()
 
 
-def _clean_deltas(spec: ModelSpec, batch: PreparedBatch) -> Tensor:
-    """``A - a`` with ``a`` the clean run's senders: [B, T, S, d]."""
-    return batch.ablation.values - rt.sender_outputs(spec, batch.clean_ids)
+def _clean_rows(spec: ModelSpec, batch: PreparedBatch) -> Tensor:
+    """``A - a`` with ``a`` the clean run's senders, as delta rows [S, B*T*d]."""
+    return _delta_rows(batch.ablation.values, rt.sender_outputs(spec, batch.clean_ids))
 
 
 # --------------------------------------------------------------------------- EAP and EAP-IG
 
 
-def eap(experiment: Experiment, progress: bool = False) -> EdgeScores:
-    """Edge attribution patching; see the module docstring."""
+def eap(experiment: Experiment, progress: bool = False, checkpoint: Checkpointer | None = None) -> EdgeScores:
+    """Edge attribution patching; see the module docstring.
+
+    ``checkpoint``: save the partial sums after every batch and skip saved batches when resuming.
+    On a shard of a distributed run (``circuits.distributed``) the partial sums of all ranks are
+    added, so every rank returns the scores of the whole dataset."""
     _refuse_kl(experiment, "EAP")
-    spec, g = experiment.spec, experiment.spec.graph
+    g = experiment.spec.graph
+    red = reducer(experiment)
+    N = red.count(experiment.n_prompts)
     scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    state = BatchProgress(experiment, checkpoint, {"scores": scores})
     bar = progress_bar(experiment.n_prompts, "EAP", progress, "prompt")
-    for batch in experiment.batches():
-        _gradient_pass(spec, batch, scores, 1.0 / experiment.n_prompts)  # deltas from the same clean pass
+    bar.update(state.prompts_done())
+    for batch in state.batches():
+        _gradient_pass(experiment, batch, scores, 1.0 / N)  # deltas from the same clean pass
         bar.update(batch.size)
     bar.close()
+    scores = red.sum(scores)
     return EdgeScores(g, scores.float(), "eap", _settings(experiment))
 
 
@@ -170,37 +225,44 @@ def eap_ig(
     variant: str = "inputs",
     schedule: str = "midpoint",
     progress: bool = False,
+    checkpoint: Checkpointer | None = None,
 ) -> EdgeScores:
-    """EAP with integrated gradients over the inputs or over the edge activations."""
+    """EAP with integrated gradients over the inputs or over the edge activations (``checkpoint``
+    and distributed shards as for ``eap``)."""
     if variant not in ("inputs", "activations"):
         raise AttributionError("variant must be 'inputs' or 'activations'")
     points = alphas(steps, schedule)
     spec, g = experiment.spec, experiment.spec.graph
+    red = reducer(experiment)
     scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
-    weight = 1.0 / (experiment.n_prompts * steps)
+    weight = 1.0 / (red.count(experiment.n_prompts) * steps)
+    state = BatchProgress(experiment, checkpoint, {"scores": scores})
     bar = progress_bar(experiment.n_prompts * steps, f"EAP-IG ({variant})", progress, "prompt-step")
-    for batch in experiment.batches():
+    bar.update(state.prompts_done() * steps)
+    for batch in state.batches():
         if variant == "inputs":
-            deltas = _clean_deltas(spec, batch)
+            rows = _clean_rows(spec, batch)
             clean_in = rt.embed(spec, batch.clean_ids)  # [B, T, d]
             ablated_in = batch.ablation.values[:, :, 0].expand_as(clean_in)  # the input sender's ablation value
             for alpha in points:
                 mixed = (ablated_in + alpha * (clean_in - ablated_in)).detach()
-                _gradient_pass(spec, batch, scores, weight, deltas=deltas, input_embeddings=mixed)
+                _gradient_pass(experiment, batch, scores, weight, rows=rows, input_embeddings=mixed)
                 bar.update(batch.size)
         else:
             for alpha in points:
                 mask = g.edge_mask.to(spec.dtype) * (1.0 - alpha)
-                _gradient_pass(spec, batch, scores, weight, mask=mask)
+                _gradient_pass(experiment, batch, scores, weight, mask=mask)
                 bar.update(batch.size)
     bar.close()
+    scores = red.sum(scores)
     return EdgeScores(
         g, scores.float(), f"eap-ig-{variant}", _settings(experiment, steps=steps, variant=variant, schedule=schedule)
     )
 
 
 def _settings(experiment: Experiment, **extra: object) -> dict[str, object]:
-    return {"metric": experiment.metric.name, "ablation": experiment.ablation, "n_prompts": experiment.n_prompts, **extra}
+    n = reducer(experiment).count(experiment.n_prompts)  # the whole dataset, also on a shard
+    return {"metric": experiment.metric.name, "ablation": experiment.ablation, "n_prompts": n, **extra}
 
 
 # --------------------------------------------------------------------------- AtP*
@@ -232,19 +294,27 @@ def atp_estimates(
     grad_drop: bool = True,
     sender_chunk: int = 32,
     progress: bool = False,
+    checkpoint: Checkpointer | None = None,
 ) -> Tensor:
     """The per-backward-pass estimates AtP* combines: [1 + L, S, R] (index 0: nothing dropped;
-    index 1 + l: layer l's heads and MLP dropped from the backward pass), or [1, S, R]."""
+    index 1 + l: layer l's heads and MLP dropped from the backward pass), or [1, S, R].
+
+    Dataset means over every rank's prompts (reduced *before* AtP* combines them non-linearly);
+    ``checkpoint`` as for ``eap``."""
     _refuse_kl(experiment, "AtP*")
-    spec, g = experiment.spec, experiment.spec.graph
+    g = experiment.spec.graph
+    red = reducer(experiment)
+    N = red.count(experiment.n_prompts)
     drops: list[int | None] = [None] + (list(range(g.n_layers)) if grad_drop else [])
     estimates = torch.zeros(len(drops), g.n_senders, g.n_receivers, dtype=torch.float64)
+    state = BatchProgress(experiment, checkpoint, {"estimates": estimates})
     bar = progress_bar(experiment.n_prompts, "AtP*", progress, "prompt")
-    for batch in experiment.batches():
-        _atp_batch(spec, batch, drops, estimates, qk_fix, sender_chunk, 1.0 / experiment.n_prompts)
+    bar.update(state.prompts_done())
+    for batch in state.batches():
+        _atp_batch(experiment, batch, drops, estimates, qk_fix, sender_chunk, 1.0 / N)
         bar.update(batch.size)
     bar.close()
-    return estimates
+    return red.sum(estimates)
 
 
 def atp_star(
@@ -253,10 +323,11 @@ def atp_star(
     grad_drop: bool = True,
     sender_chunk: int = 32,
     progress: bool = False,
+    checkpoint: Checkpointer | None = None,
 ) -> EdgeScores:
     """AtP*: EAP with the QK fix and GradDrop (see the module docstring)."""
     g = experiment.spec.graph
-    estimates = atp_estimates(experiment, qk_fix, grad_drop, sender_chunk, progress)
+    estimates = atp_estimates(experiment, qk_fix, grad_drop, sender_chunk, progress, checkpoint)
     base = estimates[0]
     if grad_drop:
         own = _own_layer_mask(g)  # [L, R]: the layer that owns each receiver is never dropped for it
@@ -278,7 +349,7 @@ def _own_layer_mask(g: ComputationGraph) -> Tensor:
 
 
 def _atp_batch(
-    spec: ModelSpec,
+    experiment: Experiment,
     batch: PreparedBatch,
     drops: list[int | None],
     estimates: Tensor,
@@ -286,8 +357,9 @@ def _atp_batch(
     sender_chunk: int,
     weight: float,
 ) -> None:
+    spec = experiment.spec
     g = spec.graph
-    deltas = _clean_deltas(spec, batch).detach()  # [B, T, S, d]
+    rows = _clean_rows(spec, batch)  # [S, B*T*d] delta rows (float32 or wider)
     trace = _Trace({}, {}, {}, {})
     dropped: dict[str, int | None] = {"layer": None}
     with torch.enable_grad():
@@ -298,7 +370,7 @@ def _atp_batch(
         for layer, tensors in trace.blocks.items():
             for t in tensors:
                 t.register_hook(_drop_hook(dropped, layer))
-        value = batch.score(out.logits).sum()
+        value = score(experiment, batch, out.logits).sum()
         inputs = out.receivers.as_list()
         patterns = [trace.pattern[layer] for layer in range(g.n_layers)]
         for i, drop in enumerate(drops):
@@ -306,9 +378,13 @@ def _atp_batch(
             grads = torch.autograd.grad(value, inputs + patterns, retain_graph=i < len(drops) - 1, allow_unused=True)
             receiver_grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads[: len(inputs)], inputs)]
             pattern_grads = [torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads[len(inputs) :], patterns)]
-            part = _linear_scores(g, receiver_grads, deltas)  # [S, R] for this batch
+            part = _linear_scores(g, receiver_grads, rows)  # [S, R] for this batch
             if qk_fix:
-                _apply_qk_fix(spec, out.resid, trace, pattern_grads, deltas, part, sender_chunk)
+                _apply_qk_fix(spec, out.resid, trace, pattern_grads, rows, part, sender_chunk)
+            check_finite(part, experiment, batch, "an AtP* estimate",
+                         [("a receiver gradient", gr) for gr in receiver_grads]
+                         + [("an attention-pattern gradient", gr) for gr in pattern_grads]
+                         + [("the delta A - a", _prompt_view(rows, batch.size))])
             estimates[i] += weight * part
 
 
@@ -319,16 +395,16 @@ def _drop_hook(state: dict[str, int | None], layer: int) -> Callable[[Tensor], T
     return hook
 
 
-def _linear_scores(g: ComputationGraph, grads: list[Tensor], deltas: Tensor) -> Tensor:
-    """[S, R] EAP scores of one batch from receiver gradients (ordered as ``ReceiverInputs.as_list()``)."""
+def _linear_scores(g: ComputationGraph, grads: list[Tensor], rows: Tensor) -> Tensor:
+    """[S, R] EAP scores of one batch from receiver gradients (ordered as ``ReceiverInputs.as_list()``)
+    and delta rows [S, B*T*d]; products in float32 or wider."""
     out = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
     for layer in range(g.n_layers):
         qkv, mlp = grads[2 * layer], grads[2 * layer + 1]
-        n = g.attention_upstream(layer)
-        out[:n, g.qkv_receivers(layer)] = torch.einsum("btsd,btrd->sr", deltas[:, :, :n], qkv).double()
+        out[: g.attention_upstream(layer), g.qkv_receivers(layer)] = _block_scores(rows, qkv, g.attention_upstream(layer)).double()
         n = g.mlp_upstream(layer)
-        out[:n, g.mlp_receiver(layer)] = torch.einsum("btsd,btd->s", deltas[:, :, :n], mlp).double()
-    out[:, g.logits_receiver] = torch.einsum("btsd,btd->s", deltas, grads[-1]).double()
+        out[:n, g.mlp_receiver(layer)] = _block_scores(rows, mlp, n)[:, 0].double()
+    out[:, g.logits_receiver] = _block_scores(rows, grads[-1], g.n_senders)[:, 0].double()
     return out
 
 
@@ -338,34 +414,36 @@ def _apply_qk_fix(
     resid: Tensor,
     trace: _Trace,
     pattern_grads: list[Tensor],
-    deltas: Tensor,
+    rows: Tensor,
     part: Tensor,
     sender_chunk: int,
 ) -> None:
     """Overwrite the linear estimates of every q and k edge in ``part`` [S, R] with
     ``sum (pattern' - pattern) * dm/dpattern``, ``pattern'`` recomputed exactly from the patched query
-    or key (the receiver's norm and projection included)."""
+    or key (the receiver's norm and projection included); the sum is taken in float32 or wider."""
     g = spec.graph
     H = g.n_heads
-    B, T = deltas.shape[:2]
+    B, T, d = resid.shape[1:]
     positions = rt.positions_for(spec, T)
     for layer in range(g.n_layers):
         lay = spec.layers[layer]
         x = resid[layer]  # [B, T, d]: in a clean run every slot of this layer reads this residual
         q0, k0, pattern0 = trace.q[layer], trace.k[layer], trace.pattern[layer].detach()
-        gp = pattern_grads[layer]  # [B, H, T, T]
+        gp = wide(pattern_grads[layer])  # [B, H, T, T]
         n_up = g.attention_upstream(layer)
-        rotary = spec.rotary(x, positions) if spec.rotary is not None else None
+        rotary_fn = spec.rotary
+        rotary = rotary_fn(x, positions) if rotary_fn is not None else None
         q_start = g.slot_receiver(layer, 0, Slot.Q)
         k_start = g.slot_receiver(layer, 0, Slot.K)
         for lo in range(0, n_up, sender_chunk):
             hi = min(n_up, lo + sender_chunk)
             U = hi - lo
-            patched = (x[None] + deltas[:, :, lo:hi].permute(2, 0, 1, 3)).reshape(U * B, T, -1)  # [U*B, T, d]
+            deltas = rows[lo:hi].view(U, B, T, d).to(x.dtype)  # senders lo..hi-1: [U, B, T, d]
+            patched = (x[None] + deltas).reshape(U * B, T, -1)  # [U*B, T, d]
             q_new, k_new, _ = ops.qkv(lay.attn, lay.attn_norm, patched, patched, patched, rotary)  # [U*B, T, H, dh]
             for start, new_pattern in (
                 (q_start, ops.attention_pattern(lay.attn, q_new, k0.repeat(U, 1, 1, 1))),
                 (k_start, ops.attention_pattern(lay.attn, q0.repeat(U, 1, 1, 1), k_new)),
             ):
-                change = (new_pattern.view(U, B, H, T, T) - pattern0[None]) * gp[None]  # [U, B, H, T, T]
+                change = (wide(new_pattern).view(U, B, H, T, T) - wide(pattern0)[None]) * gp[None]  # [U, B, H, T, T]
                 part[lo:hi, start : start + H] = change.sum((1, 3, 4)).double()  # [U, H]

@@ -15,6 +15,10 @@ of the intervention, averaged over the prompts.
   (and their norms) are recomputed; record what the receivers in R read; then rerun the clean
   prompts with only R's inputs replaced by those recordings. Unlike edge patching this includes the
   paths s -> MLP -> ... -> R, and excludes paths through other heads.
+
+All three take ``checkpoint=`` (resume after a crash: per batch, per (batch, layer) for edge
+patching), all-reduce their partial sums on a distributed shard, and stop on a non-finite metric
+naming the prompt (docs/scale.md).
 """
 
 from __future__ import annotations
@@ -24,8 +28,10 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor
 
-from circuits.checkpoint import Checkpointer
+from circuits.checkpoint import BatchProgress, Checkpointer, batches_from
+from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
+from circuits.numerics import score
 from circuits.progress import progress_bar
 from graphs import ops
 from graphs import runtime as rt
@@ -62,8 +68,12 @@ def node_patching(
     nodes: Iterable[NodeId | str] | None = None,
     max_rows: int = 256,
     progress: bool = False,
+    checkpoint: Checkpointer | None = None,
 ) -> NodeScores:
-    """Activation patching of whole nodes (input, heads, MLPs); see the module docstring."""
+    """Activation patching of whole nodes (input, heads, MLPs); see the module docstring.
+
+    ``checkpoint``: save the partial sums after every batch and skip saved batches when resuming.
+    On a shard of a distributed run the partial sums of all ranks are added (see ``eap``)."""
     if mode not in ("noising", "denoising"):
         raise PatchingError("mode must be 'noising' or 'denoising'")
     if mode == "denoising" and experiment.ablation != "corrupted":
@@ -72,8 +82,11 @@ def node_patching(
     chosen = _sender_indices(g, nodes)
     totals = torch.zeros(g.n_senders, dtype=torch.float64)
     edge_mask = g.edge_mask
+    red = reducer(experiment)
+    state = BatchProgress(experiment, checkpoint, {"totals": totals})
     bar = progress_bar(len(chosen) * experiment.n_prompts, f"node patching ({mode})", progress, "node-prompt")
-    for batch in experiment.batches():
+    bar.update(len(chosen) * state.prompts_done())
+    for batch in state.batches():
         P = batch.size
         if mode == "noising":
             base_ids, values = batch.clean_ids, batch.ablation
@@ -81,7 +94,7 @@ def node_patching(
             base_ids = batch.corrupted_ids
             values = rt.AblationValues("clean", rt.sender_outputs(spec, batch.clean_ids))
         base = rt.clean_run(spec, base_ids, batch.read_positions)
-        m_base = batch.score(base.logits)  # [P]
+        m_base = score(experiment, batch, base.logits)  # [P]
         by_layer: dict[int, list[int]] = {}
         for s in chosen:
             by_layer.setdefault(_sender_layer(g, s), []).append(s)
@@ -101,12 +114,13 @@ def node_patching(
                         read_positions=batch.read_positions.repeat(K),
                         start=base.at(spec, layer),
                     ).logits
-                m = batch.score(logits.view(K, P, -1))  # [K, P]
+                m = score(experiment, batch, logits.view(K, P, -1))  # [K, P]
                 totals[group] += (m - m_base).sum(1).double()
                 bar.update(K * P)
     bar.close()
+    totals = red.sum(totals)
     scores = torch.zeros(g.n_senders)
-    scores[chosen] = (totals[chosen] / experiment.n_prompts).float()
+    scores[chosen] = (totals[chosen] / red.count(experiment.n_prompts)).float()
     return NodeScores(g, scores, f"node-patching/{mode}", _settings(experiment, mode=mode))
 
 
@@ -120,7 +134,7 @@ def _settings(experiment: Experiment, **extra: object) -> dict[str, object]:
     return {
         "metric": experiment.metric.name,
         "ablation": experiment.ablation,
-        "n_prompts": experiment.n_prompts,
+        "n_prompts": reducer(experiment).count(experiment.n_prompts),  # the whole dataset, also on a shard
         **extra,
     }
 
@@ -139,8 +153,10 @@ def edge_patching(
 
     ``edges`` [S, R] bool restricts the work to those edges (the others score 0), e.g. to check a
     sample of edges on a model too large to patch exhaustively. ``checkpoint``: save the partial
-    sums after every (batch, layer) unit and skip units already done when resuming."""
+    sums after every (batch, layer) unit and skip units already done when resuming. On a shard of
+    a distributed run the partial sums of all ranks are added (see ``eap``)."""
     spec, g = experiment.spec, experiment.spec.graph
+    red = reducer(experiment)
     wanted = g.edge_mask if edges is None else (edges.to(torch.bool) & g.edge_mask)
     totals = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
     done: set[str] = set()
@@ -148,14 +164,19 @@ def edge_patching(
     if saved is not None:
         totals, done = saved[0]["totals"].double(), set(saved[1]["done"])
     blocks = _receiver_blocks(g)
-    bar = progress_bar(int(wanted.sum()) * experiment.n_prompts, "edge patching", progress, "edge-prompt")
-    for index, batch in enumerate(experiment.batches()):
+    n_wanted = int(wanted.sum())
+    first = 0  # batches before this one are finished: do not even prepare them
+    while all(f"{first}:{layer}" in done for layer, _ in blocks) and first * experiment.batch_size < experiment.n_prompts:
+        first += 1
+    bar = progress_bar(n_wanted * experiment.n_prompts, "edge patching", progress, "edge-prompt")
+    bar.update(n_wanted * min(experiment.n_prompts, first * experiment.batch_size))
+    for index, batch in enumerate(batches_from(experiment, first), start=first):
         P = batch.size
         if all(f"{index}:{layer}" in done for layer, _ in blocks):
-            bar.update(int(wanted.sum()) * P)
+            bar.update(n_wanted * P)
             continue
         clean = rt.clean_run(spec, batch.clean_ids, batch.read_positions)
-        m_clean = batch.score(clean.logits)  # [P]
+        m_clean = score(experiment, batch, clean.logits)  # [P]
         K_max = _rows_per_pass(max_rows, P)
         for layer, receivers in blocks:
             pairs = [(s, r) for r in receivers for s in range(g.n_upstream[r]) if wanted[s, r]]
@@ -177,15 +198,16 @@ def edge_patching(
                         read_positions=batch.read_positions.repeat(K),
                         start=resume_at,
                     ).logits
-                m = batch.score(logits.view(K, P, -1))  # [K, P]
+                m = score(experiment, batch, logits.view(K, P, -1))  # [K, P]
                 totals[senders, targets] += (m - m_clean).sum(1).double()
                 bar.update(K * P)
             if checkpoint is not None:
                 done.add(f"{index}:{layer}")
                 checkpoint.save({"totals": totals}, {"done": sorted(done)})
     bar.close()
-    settings = _settings(experiment) if edges is None else _settings(experiment, edges=int(wanted.sum()))
-    return EdgeScores(g, (totals / experiment.n_prompts).float(), "edge-patching", settings)
+    totals = red.sum(totals)
+    settings = _settings(experiment) if edges is None else _settings(experiment, edges=n_wanted)
+    return EdgeScores(g, (totals / red.count(experiment.n_prompts)).float(), "edge-patching", settings)
 
 
 def _receiver_blocks(g: ComputationGraph) -> list[tuple[int, list[int]]]:
@@ -207,11 +229,13 @@ def path_patching(
     senders: Iterable[NodeId | str] | None = None,
     max_rows: int = 256,
     progress: bool = False,
+    checkpoint: Checkpointer | None = None,
 ) -> NodeScores:
     """Path patching from each sender to the receiver set ``receivers`` (default: the logits).
 
     ``senders`` defaults to every head. Returns one score per sender (``m(patched) - m(clean)``);
-    senders that are not upstream of any receiver in the set score 0."""
+    senders that are not upstream of any receiver in the set score 0. ``checkpoint`` and
+    distributed shards as for ``node_patching``."""
     spec, g = experiment.spec, experiment.spec.graph
     recv = sorted({g.receiver_index(parse_receiver(r) if isinstance(r, str) else r) for r in receivers})
     if not recv:
@@ -221,11 +245,14 @@ def path_patching(
     else:
         chosen = _sender_indices(g, senders)
     totals = torch.zeros(g.n_senders, dtype=torch.float64)
+    red = reducer(experiment)
+    state = BatchProgress(experiment, checkpoint, {"totals": totals})
     bar = progress_bar(len(chosen) * experiment.n_prompts, "path patching", progress, "sender-prompt")
-    for batch in experiment.batches():
+    bar.update(len(chosen) * state.prompts_done())
+    for batch in state.batches():
         P = batch.size
         clean = rt.clean_run(spec, batch.clean_ids, batch.read_positions)
-        m_clean = batch.score(clean.logits)  # [P]
+        m_clean = score(experiment, batch, clean.logits)  # [P]
         K_max = _rows_per_pass(max_rows, P)
         for lo in range(0, len(chosen), K_max):
             group = chosen[lo : lo + K_max]
@@ -233,7 +260,8 @@ def path_patching(
             totals[torch.tensor(group)] += (m - m_clean).sum(1).double()
             bar.update(len(group) * P)
     bar.close()
-    scores = (totals / experiment.n_prompts).float()
+    totals = red.sum(totals)
+    scores = (totals / red.count(experiment.n_prompts)).float()
     names = ",".join(str(g.receivers[r]) for r in recv)
     return NodeScores(g, scores, "path-patching", _settings(experiment, receivers=names))
 
@@ -274,7 +302,7 @@ def _path_patch_group(
         record(g.mlp_receiver(layer))
         if bool(feeds.any()):
             x = clean_mlp_in[None] + delta  # [K, P, T, d]
-            out = ops.mlp(lay.mlp, lay.mlp_norm, x.reshape(K * P, T, d)).view(K, P, T, d)
+            out = ops.mlp_sender(lay, x.reshape(K * P, T, d)).view(K, P, T, d)  # post-MLP norm included
             change = (out - C[None, :, :, m_index]) * feeds[:, None, None, None].to(out.dtype)
             delta = delta + change
     record(g.logits_receiver)
@@ -283,7 +311,7 @@ def _path_patch_group(
         final = clean.resid[g.n_layers][None] + shift_at[g.logits_receiver]  # [K, P, T, d]
         rows = torch.arange(P)
         logits = rt.unembed(spec, final[:, rows, batch.read_positions])  # [K, P, V]
-        return batch.score(logits)
+        return score(experiment, batch, logits)
     values = torch.stack([shift_at[r] for r in recv], dim=3).reshape(K * P, T, len(recv), d)  # [K*P, T, n, d]
     first = min(_receiver_layer(g, r) for r in recv)
     logits = rt.run(
@@ -293,4 +321,4 @@ def _path_patch_group(
         read_positions=batch.read_positions.repeat(K),
         start=clean.at(spec, first),
     ).logits
-    return batch.score(logits.view(K, P, -1))
+    return score(experiment, batch, logits.view(K, P, -1))

@@ -2,6 +2,10 @@
 
 ACDC is different in kind: it selects the circuit itself (threshold ``tau``); its scores are the
 metric drops it measured, so the usual selection rules still apply to them if asked.
+
+``checkpoint=`` (a ``circuits.checkpoint.Checkpointer``) is passed to the methods that can resume
+(``RESUMABLE``: all but CD-T); ``SHARDED`` names the methods that all-reduce their partial sums when the experiment
+is a distributed shard (``circuits.distributed``).
 """
 
 from __future__ import annotations
@@ -14,6 +18,9 @@ from typing import Any
 from circuits.experiment import Experiment
 from graphs.circuit import Circuit
 from graphs.scores import EdgeScores
+
+SHARDED = frozenset({"edge-patching", "path-patching", "acdc", "eap", "eap-ig", "atp*", "cdt"})
+RESUMABLE = SHARDED - {"cdt"}
 
 
 class UnknownMethod(ValueError):
@@ -36,43 +43,45 @@ class MethodInfo:
     computes: str  # what the scores are, for --help and docs
 
 
-def _edge_patching(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:
+def _edge_patching(exp: Experiment, progress: bool, checkpoint: Any = None, **_: Any) -> MethodOutput:
     from circuits.methods.patching import edge_patching
 
-    return MethodOutput(edge_patching(exp, progress=progress))
+    return MethodOutput(edge_patching(exp, progress=progress, checkpoint=checkpoint))
 
 
-def _path_patching(exp: Experiment, progress: bool, k: int = 5, **_: Any) -> MethodOutput:
+def _path_patching(exp: Experiment, progress: bool, k: int = 5, checkpoint: Any = None, **_: Any) -> MethodOutput:
     from circuits.methods.path_search import path_patching_search
 
-    result = path_patching_search(exp, k=k, progress=progress)
+    result = path_patching_search(exp, k=k, progress=progress, checkpoint=checkpoint)
     return MethodOutput(result.scores, None, {"expanded": [str(n) for n in result.expanded]})
 
 
-def _acdc(exp: Experiment, progress: bool, tau: float = 0.01, **_: Any) -> MethodOutput:
+def _acdc(exp: Experiment, progress: bool, tau: float = 0.01, checkpoint: Any = None, **_: Any) -> MethodOutput:
     from circuits.methods.acdc import acdc
 
-    result = acdc(exp, tau, progress=progress)
+    result = acdc(exp, tau, progress=progress, checkpoint=checkpoint)
     extra = {"tau": tau, "evaluations": result.evaluations, "passes": result.passes}
     return MethodOutput(result.scores, result.circuit, extra)
 
 
-def _eap(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:
+def _eap(exp: Experiment, progress: bool, checkpoint: Any = None, **_: Any) -> MethodOutput:
     from circuits.methods.eap import eap
 
-    return MethodOutput(eap(exp, progress=progress))
+    return MethodOutput(eap(exp, progress=progress, checkpoint=checkpoint))
 
 
-def _eap_ig(exp: Experiment, progress: bool, steps: int = 5, ig_variant: str = "inputs", **_: Any) -> MethodOutput:
+def _eap_ig(
+    exp: Experiment, progress: bool, steps: int = 5, ig_variant: str = "inputs", checkpoint: Any = None, **_: Any
+) -> MethodOutput:
     from circuits.methods.eap import eap_ig
 
-    return MethodOutput(eap_ig(exp, steps=steps, variant=ig_variant, progress=progress))
+    return MethodOutput(eap_ig(exp, steps=steps, variant=ig_variant, progress=progress, checkpoint=checkpoint))
 
 
-def _atp_star(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:
+def _atp_star(exp: Experiment, progress: bool, checkpoint: Any = None, **_: Any) -> MethodOutput:
     from circuits.methods.eap import atp_star
 
-    return MethodOutput(atp_star(exp, progress=progress))
+    return MethodOutput(atp_star(exp, progress=progress, checkpoint=checkpoint))
 
 
 def _cdt(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:

@@ -91,11 +91,24 @@ def _answers(value: Any, where: str, field: str) -> tuple[str, ...]:
     )
 
 
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        keys = [k for k, _ in pairs]
+        raise ValueError(f"duplicate key {next(k for k in keys if keys.count(k) > 1)!r}")
+    return out
+
+
+def _loads(text: str) -> Any:
+    """``json.loads`` that refuses duplicate keys (ValueError, like every other JSON problem)."""
+    return json.loads(text, object_pairs_hook=_unique_keys)
+
+
 def _parse_json(text: str, is_array_ok: bool) -> list[TaskRow]:
     if is_array_ok and text.lstrip().startswith("["):
         try:
-            data = json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:
+            data = _loads(text)
+        except (ValueError, RecursionError) as e:
             raise TaskError(f"malformed JSON: {e}") from e
         if not isinstance(data, list):  # pragma: no cover - starts with '[' so it is a list
             raise TaskError("a .json task file must hold an array of row objects")
@@ -106,8 +119,8 @@ def _parse_json(text: str, is_array_ok: bool) -> list[TaskRow]:
             continue
         where = f"row {len(rows) + 1} (line {line_no})"
         try:
-            obj = json.loads(line)
-        except (json.JSONDecodeError, RecursionError) as e:
+            obj = _loads(line)
+        except (ValueError, RecursionError) as e:
             raise TaskError(f"{where}: malformed JSON: {e}") from e
         rows.append(_check_row(obj, where))
     return rows
@@ -116,8 +129,8 @@ def _parse_json(text: str, is_array_ok: bool) -> list[TaskRow]:
 def _csv_cell(cell: str, where: str, field: str) -> str | list[str]:
     if field in ("answer", "wrong") and cell.startswith("["):
         try:
-            value = json.loads(cell)
-        except (json.JSONDecodeError, RecursionError) as e:
+            value = _loads(cell)
+        except (ValueError, RecursionError) as e:
             raise TaskError(f"{where}: field {field!r} starts with '[' but is not a JSON list: {e}") from e
         if not isinstance(value, list):  # pragma: no cover - starts with '[' so it is a list
             raise TaskError(f"{where}: field {field!r} is not a JSON list")

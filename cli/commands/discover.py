@@ -42,8 +42,13 @@ METRICS = ("logit_diff", "prob_diff", "logprob", "kl")
 @click.option("--no-curve", is_flag=True, help="Skip the faithfulness curve (saves time).")
 @click.option("--no-svg", is_flag=True, help="Do not render circuit.svg.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default="runs/discover", show_default=True)
+@click.option("--resume", is_flag=True,
+              help="Continue an interrupted run from the progress files in --out (same settings, model and data).")
+@click.option("--distributed", is_flag=True,
+              help="Data-parallel run under torchrun: each rank scores a shard of the prompts, rank 0 writes.")
 @json_option
-def discover(out_dir: str, no_curve: bool, no_svg: bool, as_json: bool, **options: object) -> None:
+def discover(out_dir: str, no_curve: bool, no_svg: bool, as_json: bool, resume: bool, distributed: bool,
+             **options: object) -> None:
     """Find the minimal circuit of a model on a task.
 
     \b
@@ -52,19 +57,35 @@ def discover(out_dir: str, no_curve: bool, no_svg: bool, as_json: bool, **option
     CPR/CMD, random baseline, the minimal-circuit search), then prints a summary.
 
     \b
+    Long runs keep their progress in OUT/progress/ (written atomically); after a crash or a kill,
+    the same command with --resume continues where it stopped. Without --resume, existing progress
+    in OUT is an error. Outputs replace old ones only once all of them are complete.
+
+    \b
     Examples:
       circuits discover --out runs/ioi                       # SmolLM2-135M, IOI, EAP-IG, f >= 0.9
       circuits discover --method edge-patching --edges 200 --out runs/ep
       circuits discover --method acdc --tau 0.05 --model ./tiny-gpt2 --out runs/acdc
       circuits discover --config run.toml --n-prompts 64    # flags override the file
+      circuits discover --method edge-patching --edges 200 --out runs/ep --resume   # after a crash
+      torchrun --nproc_per_node 2 -m cli.main discover --distributed --method eap --out runs/dp
     """
-    from circuits.pipeline import DiscoverySettings, discover as run_discovery, write_outputs
+    from circuits import distributed as dp
+    from circuits.pipeline import DiscoverySettings, check_progress, run
 
     start = time.perf_counter()
     settings = DiscoverySettings(curve=not no_curve, **options)  # type: ignore[arg-type]
     settings.rule()  # fail fast on conflicting selection flags
-    result = run_discovery(settings, progress=True)
-    paths = write_outputs(result, Path(out_dir), svg=not no_svg)
+    check_progress(out_dir, resume)  # ... and on a run directory holding another run's progress
+    world = dp.init_from_env() if distributed else dp.SINGLE
+    try:
+        done = run(settings, Path(out_dir), resume=resume, world=world, svg=not no_svg, progress=world.is_root)
+    finally:
+        if distributed:
+            dp.shutdown()
+    if done is None:  # a rank other than 0: rank 0 reports
+        return
+    result, paths = done
     summary = result.summary()
     summary["files"] = {k: str(v) for k, v in paths.items()}
     summary["seconds"]["total"] = time.perf_counter() - start
@@ -82,5 +103,5 @@ def discover(out_dir: str, no_curve: bool, no_svg: bool, as_json: bool, **option
     s = summary["seconds"]
     click.echo(f"time         {s['total']:.1f} s (load {s['load']:.1f}, scores {s['scores']:.1f}, "
                f"evaluate {s['evaluate']:.1f})")
-    for name, path in summary["files"].items():
+    for path in summary["files"].values():
         click.echo(f"wrote        {path}")
