@@ -66,6 +66,18 @@ def test_eap_rank_agreement_on_random_models(name: str) -> None:
     assert rho > 0.75 and rho_star > 0.8
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel", "gemma2", "gemma3"])
+def test_qk_fix_reduces_to_eap_near_the_clean_point(name: str) -> None:
+    """The QK fix recomputes each layer's pattern from the patched query or key with that layer's own
+    norm and rotary (Gemma 3: local and global bases). Near the clean point it must agree with the
+    linear estimate to O(eps); a pattern recomputed with the wrong rotary would differ at O(1)."""
+    exp = _near_clean(1e-4, name)
+    linear = eap(exp).values
+    fixed = atp_star(exp, qk_fix=True, grad_drop=False).values
+    assert float((fixed - linear).norm() / linear.norm()) < 1e-3
+    assert not torch.equal(fixed, linear)
+
+
 def test_eap_equals_autograd_through_the_mask() -> None:
     exp = _experiment("qwen2-bias", dtype=torch.float64)
     g = exp.spec.graph

@@ -431,7 +431,7 @@ def _apply_qk_fix(
         q0, k0, pattern0 = trace.q[layer], trace.k[layer], trace.pattern[layer].detach()
         gp = wide(pattern_grads[layer])  # [B, H, T, T]
         n_up = g.attention_upstream(layer)
-        rotary_fn = spec.rotary
+        rotary_fn = spec.rotary_for(layer)
         rotary = rotary_fn(x, positions) if rotary_fn is not None else None
         q_start = g.slot_receiver(layer, 0, Slot.Q)
         k_start = g.slot_receiver(layer, 0, Slot.K)
