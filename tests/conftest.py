@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
 import torch
@@ -277,3 +278,20 @@ def random_task(n: int, length: int, seed: int = 0, vocab: int = VOCAB, name: st
         read_positions=lengths - 1,
         seed=seed,
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A saved tiny GPT-2 with a BPE tokenizer that spells numbers digit by digit: a model folder the
+    CLI and the pipeline load like any real one (read-only: tests must not write into it)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tests.tasks_fixtures import make_bpe_tokenizer
+
+    tok = make_bpe_tokenizer(digits="single")
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=3, n_embd=24, vocab_size=len(tok), n_positions=64, initializer_range=0.2)
+    path = tmp_path_factory.mktemp("tiny-gpt2")
+    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
+    tok.save_pretrained(path)
+    return path

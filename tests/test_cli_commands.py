@@ -23,7 +23,6 @@ from cli.main import cli
 from graphs.circuit import Circuit
 from graphs.graph import ComputationGraph
 from graphs.io import load_circuit, load_mib_json, save_circuit
-from tests.tasks_fixtures import make_bpe_tokenizer
 
 COMMANDS = ("evaluate", "render", "query", "compare", "export")
 
@@ -52,17 +51,6 @@ def one_line_error(result: Result, code: int = EXIT_BAD_INPUT) -> str:
 
 
 # ----------------------------------------------------------------------------- fixtures
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok = make_bpe_tokenizer(digits="single")
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=3, n_embd=24, vocab_size=len(tok), n_positions=64, initializer_range=0.2)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.fixture(scope="module")
 def other_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A model with another graph shape (3 layers x 2 heads); no tokenizer needed."""

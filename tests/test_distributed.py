@@ -135,21 +135,6 @@ def _cli_args(model_dir: Path, out: Path) -> list[str]:
             "--batch-size", "2", "--no-curve", "--no-svg", "--out", str(out), "--json"]
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tests.tasks_fixtures import make_bpe_tokenizer
-
-    tok = make_bpe_tokenizer(digits="single")
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=3, n_embd=24, vocab_size=len(tok), n_positions=64, initializer_range=0.2)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 @pytest.mark.timeout(600)
 def test_two_gloo_ranks_equal_one_process(tmp_path: Path, tiny_dir: Path) -> None:
     saved = tmp_path / "rank0.safetensors"

@@ -266,21 +266,6 @@ def test_hostile_configs_are_refused(tmp_path: Path, text: str) -> None:
 
 
 # ============================================================================ outputs survive failures
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tests.tasks_fixtures import make_bpe_tokenizer
-
-    tok = make_bpe_tokenizer(digits="single")
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=3, n_embd=24, vocab_size=len(tok), n_positions=64, initializer_range=0.2)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def test_a_failed_discover_leaves_old_outputs_intact(tiny_dir: Path, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     import graphs.render

@@ -16,7 +16,7 @@ from transformers import Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gem
 
 from graphs import alias_cache, ops
 from graphs import runtime as rt
-from graphs.adapters import build_spec, family_of
+from graphs.adapters import UnsupportedArchitecture, build_spec, family_of
 from graphs.adapters.spec import ModelSpec
 from graphs.ids import parse_edge
 from tests.conftest import make_tiny, random_ids
@@ -142,7 +142,7 @@ def test_attention_output_bias_is_refused() -> None:
 def test_bidirectional_gemma_is_refused() -> None:
     cfg = Gemma3TextConfig(num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, hidden_size=16,
                            head_dim=8, intermediate_size=8, vocab_size=11, use_bidirectional_attention=True)  # fmt: skip
-    with pytest.raises(ValueError, match="causal"):
+    with pytest.raises(UnsupportedArchitecture, match="causal"):
         build_spec(Gemma3ForCausalLM(cfg))
 
 

@@ -128,7 +128,6 @@ def test_path_patching_equals_explicit_two_runs(name: str) -> None:
 
 def test_path_patching_differs_from_edge_patching_through_mlps() -> None:
     exp = _experiment("gpt2")
-    g = exp.spec.graph
     edges = edge_patching(exp, max_rows=64)
     paths = path_patching(exp, senders=["m2", "a2.h1"], max_rows=64)
     # an MLP feeding the logits directly has no MLP in between: path = edge

@@ -8,23 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import GPT2Config, GPT2LMHeadModel
 
 from circuits.methods.path_search import path_patching_search
 from circuits.pipeline import DiscoveryError, DiscoverySettings, discover, settings_from_mapping, write_outputs
 from graphs.io import load_circuit
-from tests.tasks_fixtures import make_bpe_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok = make_bpe_tokenizer(digits="single")
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=3, n_embd=24, vocab_size=len(tok), n_positions=64, initializer_range=0.2)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
 
 
 def _settings(tiny_dir: Path, **kw) -> DiscoverySettings:

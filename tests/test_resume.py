@@ -188,21 +188,6 @@ def test_batches_from_gives_the_same_batches() -> None:
 
 
 # ----------------------------------------------------------------------------- discover, end to end
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from tests.tasks_fixtures import make_bpe_tokenizer
-
-    tok = make_bpe_tokenizer(digits="single")
-    torch.manual_seed(0)
-    cfg = GPT2Config(n_layer=2, n_head=3, n_embd=24, vocab_size=len(tok), n_positions=64, initializer_range=0.2)
-    path = tmp_path_factory.mktemp("tiny-gpt2")
-    GPT2LMHeadModel(cfg).eval().save_pretrained(path)
-    tok.save_pretrained(path)
-    return path
-
-
 def _args(tiny_dir: Path, out: Path, *extra: str) -> list[str]:
     return ["discover", "--model", str(tiny_dir), "--method", "edge-patching", "--target-faithfulness", "0.8",
             "--n-prompts", "6", "--batch-size", "2", "--no-svg", "--out", str(out), *extra]

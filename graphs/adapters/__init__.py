@@ -8,13 +8,9 @@ from types import ModuleType
 from transformers import PreTrainedModel
 
 from graphs.adapters import gemma, gpt2, llama, neox
-from graphs.adapters.spec import ModelSpec
+from graphs.adapters.spec import ModelSpec, UnsupportedArchitecture
 
 _FAMILIES: tuple[ModuleType, ...] = (gpt2, llama, neox, gemma)
-
-
-class UnsupportedArchitecture(ValueError):
-    """The model's architecture has no adapter."""
 
 
 def supported_model_types() -> dict[str, str]:

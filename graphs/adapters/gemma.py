@@ -25,7 +25,15 @@ import torch
 from transformers import PreTrainedModel
 
 from graphs.adapters.common import head_bias, out_major, output_heads, rms_norm, rotary_from
-from graphs.adapters.spec import AttentionSpec, LayerSpec, MLPSpec, ModelSpec, RotaryFn, detached
+from graphs.adapters.spec import (
+    AttentionSpec,
+    LayerSpec,
+    MLPSpec,
+    ModelSpec,
+    RotaryFn,
+    UnsupportedArchitecture,
+    detached,
+)
 from graphs.graph import ComputationGraph
 
 FAMILY = "gemma"
@@ -51,7 +59,7 @@ def build(model: PreTrainedModel) -> ModelSpec:
     cfg = model.config
     gemma3 = cfg.model_type == "gemma3_text"
     if getattr(cfg, "use_bidirectional_attention", False):
-        raise ValueError("Gemma with bidirectional attention (an encoder) is not a causal language model")
+        raise UnsupportedArchitecture("Gemma with bidirectional attention (an encoder) is not a causal language model")
     base = model.model
     L, H = cfg.num_hidden_layers, cfg.num_attention_heads
     H_kv = getattr(cfg, "num_key_value_heads", None) or H
@@ -64,7 +72,7 @@ def build(model: PreTrainedModel) -> ModelSpec:
     for index, block in enumerate(base.layers):
         sa = block.self_attn
         if sa.o_proj.bias is not None:
-            raise ValueError(
+            raise UnsupportedArchitecture(
                 "Gemma with an attention output bias: b_O sits inside the post-attention norm, where it is "
                 "not an additive constant of the graph (see docs/gemma.md)"
             )

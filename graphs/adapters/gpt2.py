@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from graphs.adapters.common import layer_norm
-from graphs.adapters.spec import AttentionSpec, LayerSpec, MLPSpec, ModelSpec, detached
+from graphs.adapters.spec import AttentionSpec, LayerSpec, MLPSpec, ModelSpec, UnsupportedArchitecture, detached
 from graphs.graph import ComputationGraph
 
 FAMILY = "gpt2"
@@ -18,7 +18,7 @@ def build(model: PreTrainedModel) -> ModelSpec:
     L, H, d = cfg.n_layer, cfg.n_head, cfg.n_embd
     dh = d // H
     if getattr(cfg, "add_cross_attention", False):
-        raise ValueError("GPT-2 with cross-attention is not a decoder-only language model")
+        raise UnsupportedArchitecture("GPT-2 with cross-attention is not a decoder-only language model")
     layers = []
     for index, block in enumerate(tr.h):
         w = block.attn.c_attn.weight.detach()  # Conv1D: [d, 3d], y = x @ w + b

@@ -25,6 +25,10 @@ RotaryFn = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 """``(like, position_ids [1|B, T]) -> (cos, sin)``, each ``[1|B, T, rotary_dim]``."""
 
 
+class UnsupportedArchitecture(ValueError):
+    """The model's architecture has no adapter, or uses a variant of it that the graph cannot express."""
+
+
 @dataclass(frozen=True)
 class NormSpec:
     """LayerNorm or RMSNorm over the last dimension, exactly as the HF module computes it."""
