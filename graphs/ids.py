@@ -103,6 +103,10 @@ class ReceiverId:
         if (self.node.kind is NodeKind.HEAD) != (self.slot is not None):
             raise IdError(f"heads need a slot <q>/<k>/<v> and other nodes none: {self!r}")
 
+    def at(self, position: int | None) -> ReceiverId:
+        """The same slot of the same component at another position (``None`` drops the position)."""
+        return ReceiverId(self.node.at(position), self.slot)
+
     def __str__(self) -> str:
         return str(self.node) if self.slot is None else f"{self.node}<{self.slot.value}>"
 
@@ -117,6 +121,24 @@ class EdgeId:
     def __post_init__(self) -> None:
         if self.sender.kind is NodeKind.LOGITS:
             raise IdError("'logits' is not a sender")
+
+    def at(self, position: int | None) -> EdgeId:
+        """The same edge at token ``position`` on both ends (``None``: the non-positional edge)."""
+        return EdgeId(self.sender.at(position), self.receiver.at(position))
+
+    @property
+    def position(self) -> int | None:
+        """The token position of a positional edge, ``None`` for a non-positional one.
+
+        Residual edges only connect equal positions: an edge whose two ends name different
+        positions, or a position on one end only, raises IdError."""
+        mine, theirs = self.sender.position, self.receiver.node.position
+        if mine != theirs:
+            raise IdError(
+                f"not a residual edge: {self} connects position {mine} to position {theirs} "
+                "(positional edges join equal positions; cross-position flow happens inside heads)"
+            )
+        return mine
 
     def __str__(self) -> str:
         return f"{self.sender}->{self.receiver}"
@@ -172,6 +194,26 @@ def parse_edge(text: str) -> EdgeId:
         return EdgeId(sender, receiver)
     except IdError as err:
         raise IdError(f"not an edge id: {text!r} ({err})") from None
+
+
+def parse_positional_edge(text: str) -> tuple[EdgeId, int]:
+    """Parse a positional edge ``a0.h1@3->a3.h2@3<q>``: (the non-positional edge, its position).
+
+    Both ends must carry the same ``@t`` (IdError otherwise, naming the text)."""
+    edge = parse_edge(text)
+    try:
+        position = edge.position
+    except IdError as err:
+        raise IdError(f"{text!r}: {err}") from None
+    if position is None:
+        raise IdError(f"not a positional edge: {text!r} (expected e.g. 'a0.h1@3->a3.h2@3<q>')")
+    return edge.at(None), position
+
+
+def parse_positional_node(text: str) -> tuple[NodeId, int | None]:
+    """Parse ``a3.h7@12`` (or ``a3.h7``): (the non-positional node, its position or None)."""
+    node = parse_node(text)
+    return node.at(None), node.position
 
 
 def receiver_of(node: NodeId, slot: Slot | str | None = None) -> ReceiverId:

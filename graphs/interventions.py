@@ -12,7 +12,11 @@ Two ways to state which edges are ablated:
   computed as ``sum_u D_u - sum_u (1 - M[u, r]) D_u`` from running prefix sums, so both sparse and
   nearly full masks cost little.
 * ``SparseMixer``: a list of ``(row, sender, receiver, weight)`` entries - a handful of edges per
-  row, as in edge patching (one edge per row).
+  row, as in edge patching (one edge per row); with ``positions``, each entry acts at one token
+  position only (positional edge patching, docs/positions.md).
+* ``PositionalDenseMixer``: a positional mask ``[S, R, T]`` or ``[K, S, R, T]``: entry
+  ``M[u, r, t]`` ablates edge ``u@t -> r@t`` only, i.e. receiver ``r`` at token ``t`` reads
+  ``in_r[:, t] + sum_u M[u, r, t] (A_u - a_u)[:, t]``. Same prefix-sum and sparsity tricks.
 
 Both read sender deltas ``D_u = A_u - a_u`` from a ``SenderDeltas`` store that the run fills block
 by block (input, each layer's heads, each layer's MLP) in topological order.
@@ -40,6 +44,7 @@ class SparseEdits:
     senders: Tensor  # [E] long
     receivers: Tensor  # [E] long
     weights: Tensor  # [E] float
+    positions: Tensor | None = None  # [E] long: the one token position each entry acts at (None: all)
 
     @staticmethod
     def one_edge_per_row(senders: Tensor, receivers: Tensor, prompts: int) -> SparseEdits:
@@ -52,6 +57,12 @@ class SparseEdits:
             receivers=receivers.repeat_interleave(prompts),
             weights=torch.ones(n * prompts),
         )
+
+    @staticmethod
+    def one_positional_edge_per_row(senders: Tensor, receivers: Tensor, positions: Tensor, prompts: int) -> SparseEdits:
+        """Edge ``i`` ablated at token ``positions[i]`` only, in rows ``i*prompts .. (i+1)*prompts - 1``."""
+        edits = SparseEdits.one_edge_per_row(senders, receivers, prompts)
+        return SparseEdits(edits.rows, edits.senders, edits.receivers, edits.weights, positions.repeat_interleave(prompts))
 
 
 class SenderDeltas:
@@ -181,11 +192,71 @@ class DenseMixer:
         return None if total is None else _full_shape(total, store.K, store.P, self.T)
 
 
+def _mix_positional(D: Tensor, W: Tensor) -> Tensor:
+    """sum_s D[k, p, t, s, :] W[k, s, r, t] -> [K, P, T, R, d] (each position mixes its own senders)."""
+    if D.shape[0] == 1 and W.shape[0] > 1:
+        return torch.einsum("ptsd,ksrt->kptrd", D[0], W)
+    if W.shape[0] == 1:
+        return torch.einsum("kptsd,srt->kptrd", D, W[0])
+    return torch.einsum("kptsd,ksrt->kptrd", D, W)
+
+
+class PositionalDenseMixer:
+    """Deltas for positional masks ``[S, R, T]`` (shared) or ``[K, S, R, T]`` (one per row group).
+
+    Like ``DenseMixer`` but each token position has its own mask column: the delta of receiver ``r``
+    at token ``t`` mixes only the senders' deltas at ``t`` (residual edges join equal positions)."""
+
+    def __init__(self, graph: ComputationGraph, mask: Tensor, store: SenderDeltas, T: int) -> None:
+        self.mask = mask if mask.dim() == 4 else mask[None]  # [K|1, S, R, T]
+        if self.mask.shape[-1] != T:
+            raise InterventionError(f"a positional mask must have the run's {T} positions, got {self.mask.shape[-1]}")
+        self.store = store
+        self.T = T
+        self.differentiable = mask.requires_grad
+
+    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
+        """[K*P, T, R_block, d] for ``receivers`` (their upstream: senders < ``n_upstream``)."""
+        M = self.mask[:, :n_upstream, receivers]  # [K|1, n, Rb, T]
+        store = self.store
+        if self.differentiable:
+            total = None
+            for start, D in store.blocks:
+                stop = min(start + D.shape[3], n_upstream)
+                if stop > start:
+                    Dx = D[:, :, :, : stop - start].expand(-1, -1, self.T, -1, -1)  # [K|1, P, T, k, d]
+                    part = _mix_positional(Dx, M[:, start:stop])
+                    total = part if total is None else total + part
+            return None if total is None else _full_shape(total, store.K, store.P, self.T)
+
+        complement = float(M.sum()) > 0.5 * M.numel()
+        W = 1.0 - M if complement else M
+        active = (W != 0).flatten(2).any(dim=2).any(dim=0).nonzero().flatten()  # senders with any entry
+        total: Tensor | None = None
+        for where, D in store.gather(active):
+            Dx = D.expand(-1, -1, self.T, -1, -1)  # ablation values may be shared over positions
+            part = _mix_positional(Dx, W[:, active[where]])
+            total = part if total is None else total + part
+        if complement:
+            base = store.cumulative(n_upstream)
+            assert base is not None
+            base = base[:, :, :, None, :]  # broadcast over receivers
+            total = base if total is None else base - total
+            R = M.shape[2]
+            total = total.expand(*total.shape[:2], self.T, R, total.shape[4])
+        return None if total is None else _full_shape(total, store.K, store.P, self.T)
+
+
 class SparseMixer:
     """Deltas for a few edges per row (``SparseEdits``)."""
 
     def __init__(self, graph: ComputationGraph, edits: SparseEdits, store: SenderDeltas, B: int, T: int) -> None:
         upstream = torch.tensor(graph.n_upstream)
+        if edits.positions is not None:
+            if edits.positions.shape != edits.rows.shape:
+                raise InterventionError("edit positions must have one entry per edit")
+            if edits.positions.numel() and (int(edits.positions.min()) < 0 or int(edits.positions.max()) >= T):
+                raise InterventionError(f"edit positions must lie in [0, {T})")
         if edits.rows.numel():
             if int(edits.rows.min()) < 0 or int(edits.rows.max()) >= B:
                 raise InterventionError(f"edit rows must lie in [0, {B})")
@@ -207,6 +278,12 @@ class SparseMixer:
         D = D * e.weights[pick].to(D.dtype)[:, None, None]
         Rb = receivers.stop - receivers.start
         out = torch.zeros(self.B, self.T, Rb, D.shape[-1], dtype=D.dtype, device=D.device)
+        if e.positions is not None:  # one token per entry: D[e, t_e] into (row_e, t_e, receiver_e)
+            pos = e.positions[pick].to(D.device)
+            idx = torch.arange(pos.shape[0], device=D.device)
+            Dt = D[idx, pos] if D.shape[1] > 1 else D[:, 0]  # [E, d]
+            out.index_put_((rows, pos, e.receivers[pick] - receivers.start), Dt, accumulate=True)
+            return out
         t = torch.arange(self.T, device=D.device)
         out.index_put_(
             (rows[:, None], t[None, :], (e.receivers[pick] - receivers.start)[:, None]),

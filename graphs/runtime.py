@@ -2,7 +2,8 @@
 
 Interventions use the delta form of DESIGN.md section 4. With ``M[u, r]`` the ablated fraction of
 edge ``u -> r`` (1 = fully ablated, 0 = kept; bool or fractional, shared ``[S, R]`` or one mask per
-batch row ``[B, S, R]``) and ``A_u`` the ablation value of sender ``u``, every receiver reads
+batch row ``[B, S, R]``; positional masks ``[S, R, T]`` / ``[K, S, R, T]`` ablate an edge at single
+token positions, docs/positions.md) and ``A_u`` the ablation value of sender ``u``, every receiver reads
 
     in_r = (current residual at r) + sum_u M[u, r] * (A_u - a_u)
 
@@ -33,6 +34,7 @@ from graphs import ops
 from graphs.adapters.spec import ModelSpec
 from graphs.interventions import (
     DenseMixer,
+    PositionalDenseMixer,
     ReceiverShifts,
     SenderDeltas,
     ShiftMixer,
@@ -117,9 +119,10 @@ def unembed(spec: ModelSpec, resid: Tensor) -> Tensor:
     return logits
 
 
-def _groups(B: int, mask: Tensor | None, start: Checkpoint | None, value_rows: int) -> tuple[int, int]:
+def _groups(B: int, mask_k: int | None, start: Checkpoint | None, value_rows: int) -> tuple[int, int]:
     """(K row groups, P prompts per group) of a batch of B rows (row = k * P + p).
 
+    ``mask_k``: the K of a mask [K, S, R] or [K, S, R, T] (None for a shared mask or no mask).
     Masks [K, S, R] fix K; a checkpoint of P prompts fixes P; otherwise ablation values with one
     entry per prompt (1 < rows < B) fix P, so K groups of edits share the prompts' values."""
     if start is not None:
@@ -127,11 +130,11 @@ def _groups(B: int, mask: Tensor | None, start: Checkpoint | None, value_rows: i
         if B % P:
             raise RuntimeInputError(f"{B} rows do not tile the checkpoint's {P} prompts")
         K = B // P
-        if mask is not None and mask.dim() == 3 and mask.shape[0] != K:
+        if mask_k is not None and mask_k != K:
             raise RuntimeInputError(f"with a checkpoint of {P} prompts and {B} rows, masks must be [{K}, S, R]")
         return K, P
-    if mask is not None and mask.dim() == 3:
-        K = mask.shape[0]
+    if mask_k is not None:
+        K = mask_k
         if K == 0 or B % K:
             raise RuntimeInputError(f"{K} masks do not divide {B} rows (rows are K groups of P prompts)")
         return K, B // K
@@ -140,13 +143,27 @@ def _groups(B: int, mask: Tensor | None, start: Checkpoint | None, value_rows: i
     return 1, B
 
 
-def _check_mask(spec: ModelSpec, mask: Tensor) -> Tensor:
+def _check_mask(spec: ModelSpec, mask: Tensor, T: int) -> tuple[Tensor, bool, int | None]:
+    """(mask as a float tensor, whether it is positional, its K groups or None when shared).
+
+    Accepted: [S, R], [K, S, R] (per edge) and [S, R, T], [K, S, R, T] (per edge and token position).
+    The two 3-D forms cannot be confused: S != R in every graph."""
     S, R = spec.graph.n_senders, spec.graph.n_receivers
-    if mask.dim() not in (2, 3) or tuple(mask.shape[-2:]) != (S, R):
+    shape = tuple(mask.shape)
+    if mask.dim() in (2, 3) and shape[-2:] == (S, R):
+        positional, k = False, (shape[0] if mask.dim() == 3 else None)
+    elif mask.dim() in (3, 4) and shape[-3:-1] == (S, R):
+        if shape[-1] != T:
+            raise RuntimeInputError(
+                f"positional edge mask must have the prompts' {T} token positions last, got {shape}"
+            )
+        positional, k = True, (shape[0] if mask.dim() == 4 else None)
+    else:
         raise RuntimeInputError(
-            f"edge mask must be [{S}, {R}] or [K, {S}, {R}] (senders x receivers), got {tuple(mask.shape)}"
+            f"edge mask must be [{S}, {R}] or [K, {S}, {R}] (senders x receivers), or positional "
+            f"[{S}, {R}, {T}] / [K, {S}, {R}, {T}], got {shape}"
         )
-    return mask.to(spec.dtype) if mask.dtype == torch.bool else mask
+    return (mask.to(spec.dtype) if mask.dtype == torch.bool else mask), positional, k
 
 
 def _check_values(spec: ModelSpec, values: AblationValues, K: int, P: int, T: int) -> Tensor:
@@ -203,7 +220,8 @@ def run(
 ) -> RunOutput:
     """Run the DAG on ``input_ids`` [B, T] (right-padded; causal attention makes padding inert).
 
-    ``mask`` [S, R] (shared) or [K, S, R] (rows are K groups of B/K prompts) with ``ablation``
+    ``mask`` [S, R] (shared) or [K, S, R] (rows are K groups of B/K prompts), or positional
+    [S, R, T] / [K, S, R, T] (entry [u, r, t] ablates edge ``u@t -> r@t`` only), with ``ablation``
     values [1|P|B, 1|T, S, d]: edge interventions (see the module docstring); or ``edits``: a few
     edges per row. ``shifts``: add given tensors to given receivers' inputs (path patching's second
     run), on top of any ablation. ``read_positions`` [B]: compute logits only there. ``input_embeddings``
@@ -220,17 +238,18 @@ def run(
     B, T = input_ids.shape
     if mask is not None and edits is not None:
         raise RuntimeInputError("give either a dense mask or sparse edits, not both")
+    positional, mask_k = False, None
     if mask is not None:
-        mask = _check_mask(spec, mask)
-    K, P = _groups(B, mask, start, 0 if ablation is None else ablation.values.shape[0])
+        mask, positional, mask_k = _check_mask(spec, mask, T)
+    K, P = _groups(B, mask_k, start, 0 if ablation is None else ablation.values.shape[0])
     store: SenderDeltas | None = None
-    mixer: DenseMixer | SparseMixer | ShiftMixer | _Both | None = None
+    mixer: DenseMixer | PositionalDenseMixer | SparseMixer | ShiftMixer | _Both | None = None
     if mask is not None or edits is not None:
         if ablation is None:
             raise RuntimeInputError("an edge intervention needs ablation values (what ablated edges carry)")
         store = SenderDeltas(_check_values(spec, ablation, K, P, T), K, P)
         if mask is not None:
-            mixer = DenseMixer(g, mask, store, T)
+            mixer = PositionalDenseMixer(g, mask, store, T) if positional else DenseMixer(g, mask, store, T)
         else:
             assert edits is not None
             mixer = SparseMixer(g, edits, store, B, T)
@@ -241,7 +260,7 @@ def run(
     if start is not None and (keep_senders or keep_receivers or input_embeddings is not None):
         raise RuntimeInputError("a run resumed from a checkpoint cannot keep senders/receivers or replace inputs")
     if start is not None:
-        _check_nothing_before(spec, mask, edits, shifts, first)
+        _check_nothing_before(spec, mask if not positional else mask.movedim(-1, 0), edits, shifts, first)
 
     positions = positions_for(spec, T)
     sender_blocks: list[Tensor] = []
@@ -347,7 +366,7 @@ def run(
 class _Both:
     """Sum of two mixers' deltas (an edge ablation plus receiver shifts)."""
 
-    def __init__(self, first: DenseMixer | SparseMixer, second: ShiftMixer) -> None:
+    def __init__(self, first: DenseMixer | PositionalDenseMixer | SparseMixer, second: ShiftMixer) -> None:
         self.first, self.second = first, second
 
     def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
