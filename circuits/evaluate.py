@@ -30,9 +30,11 @@ from scipy.stats import rankdata  # type: ignore[import-untyped]
 from torch import Tensor
 
 from circuits.experiment import Experiment
+from circuits.positional import check_alignment
 from circuits.prune import selection_masks
 from graphs.circuit import Circuit
 from graphs.graph import ComputationGraph
+from graphs.positional import PositionalCircuit
 from graphs.scores import EdgeScores
 
 EDGE_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -146,6 +148,34 @@ def faithfulness(experiment: Experiment, circuit: Circuit, baseline: Baseline | 
     ``reference_metrics``) to reuse ``m(full)`` and ``m(empty)`` across circuits."""
     base = _baseline(experiment, baseline)
     m = circuit_metric(experiment, circuit)
+    return Faithfulness(base.normalise(m), m, base.m_full, base.m_empty, circuit.n_edges)
+
+
+@torch.no_grad()
+def positional_circuit_metric(experiment: Experiment, circuit: PositionalCircuit) -> float:
+    """``m(C)`` of a positional circuit: every positional edge not in it ablated at its own token,
+    one pass per batch with the ``[S, R, T]`` mask. The task must share the circuit's alignment."""
+    _check_graph(experiment, circuit.graph, "the circuit")
+    alignment = check_alignment(experiment.task)
+    if alignment.length != circuit.n_positions:
+        raise EvaluationError(
+            f"the circuit has {circuit.n_positions} token positions, the task's prompts have {alignment.length} tokens"
+        )
+    ablate = circuit.ablation_mask()  # [S, R, T]
+    total = 0.0
+    for batch in experiment.batches():
+        total += float(experiment.masked_metric(batch, ablate if bool(ablate.any()) else None).double().sum())
+    return total / experiment.n_prompts
+
+
+def positional_faithfulness(
+    experiment: Experiment, circuit: PositionalCircuit, baseline: Baseline | None = None
+) -> Faithfulness:
+    """Faithfulness of a positional circuit. ``m(full)`` and ``m(empty)`` are those of the
+    non-positional graph (nothing ablated; every edge ablated at every position), so a baseline from
+    ``reference_metrics`` is shared with non-positional circuits."""
+    base = _baseline(experiment, baseline)
+    m = positional_circuit_metric(experiment, circuit)
     return Faithfulness(base.normalise(m), m, base.m_full, base.m_empty, circuit.n_edges)
 
 

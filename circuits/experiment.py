@@ -139,7 +139,8 @@ class Experiment:
     # ------------------------------------------------------------------ common measurements
     @torch.no_grad()
     def masked_metric(self, batch: PreparedBatch, mask: Tensor | None) -> Tensor:
-        """Per-prompt metric [B] of the clean prompts with ``mask`` [S, R] applied (None: no ablation)."""
+        """Per-prompt metric [B] of the clean prompts with ``mask`` [S, R] (or positional [S, R, T])
+        applied (None: no ablation)."""
         logits = rt.run(
             self.spec,
             batch.clean_ids,

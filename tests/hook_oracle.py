@@ -159,11 +159,18 @@ def capture_sender(model: PreTrainedModel, parts: Parts, ids: Tensor, edge: Edge
     return store["x"].detach()
 
 
-def single_edge_logits(model: PreTrainedModel, clean_ids: Tensor, corrupted_ids: Tensor, edge: EdgeId) -> Tensor:
-    """HF logits [B, T, V] on ``clean_ids`` with ``edge`` ablated to its corrupted-run value."""
+def single_edge_logits(
+    model: PreTrainedModel, clean_ids: Tensor, corrupted_ids: Tensor, edge: EdgeId, position: int | None = None
+) -> Tensor:
+    """HF logits [B, T, V] on ``clean_ids`` with ``edge`` ablated to its corrupted-run value
+    (at every token, or only at token ``position``: the positional edge ``u@t -> r@t``)."""
     model = ungroup_kv(model) if getattr(model.config, "num_key_value_heads", None) else model
     parts = parts_of(model)
     delta = capture_sender(model, parts, corrupted_ids, edge) - capture_sender(model, parts, clean_ids, edge)
+    if position is not None:  # the receiver at other tokens reads its clean input
+        keep = torch.zeros(delta.shape[1], dtype=delta.dtype)
+        keep[position] = 1
+        delta = delta * keep[None, :, None]
     rec = edge.receiver.node
     handles = []
     if rec.kind is NodeKind.LOGITS:

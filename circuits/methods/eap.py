@@ -29,6 +29,11 @@ All give ``EdgeScores`` in the convention of the exact methods: a first-order es
 
 A KL metric has zero gradient at the clean point, so EAP and AtP* refuse it (EAP-IG accepts it).
 
+Positional variants (docs/positions.md): ``positional_eap`` and ``positional_eap_ig`` keep the token
+position instead of summing over it, ``score[u, r, t] = sum_b (A_u - a_u)[b, t] . dm/d in_r[b, t]``
+(averaged over prompts), so ``PositionalEdgeScores.summed()`` equals ``eap`` / ``eap_ig`` exactly.
+They need a task whose prompts share one token alignment (``circuits.positional.check_alignment``).
+
 Scale and hygiene (docs/scale.md): scores are accumulated in float64 from products formed in
 float32 or wider (half-precision deltas and gradients are cast per block); a non-finite logit,
 metric, gradient or delta stops the run naming the prompt; ``checkpoint=`` saves the partial sums
@@ -47,6 +52,7 @@ from torch import Tensor
 from circuits.checkpoint import BatchProgress, Checkpointer
 from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
+from circuits.positional import check_alignment
 from circuits.numerics import check_finite, score, wide
 from circuits.progress import progress_bar
 from graphs import ops
@@ -54,6 +60,7 @@ from graphs import runtime as rt
 from graphs.adapters.spec import ModelSpec
 from graphs.graph import ComputationGraph
 from graphs.ids import Slot
+from graphs.positional import PositionalEdgeScores
 from graphs.scores import EdgeScores
 
 SCHEDULES = ("midpoint", "left", "right")
@@ -117,6 +124,26 @@ def _block_scores(rows: Tensor, grad: Tensor, n_up: int) -> Tensor:
     return rows[:n_up] @ columns.to(rows.dtype)
 
 
+POSITION_FLOATS = 2**24  # floats of one positional block product's copy of the deltas (chunked over positions)
+
+
+def _positional_block_scores(rows: Tensor, grad: Tensor, n_up: int) -> Tensor:
+    """``sum_b D[b,t,u] . grad[b,t,r]`` per position: [n_up, R_block, T] in float32 (or wider).
+
+    ``grad`` [B, T, R_block, d] or [B, T, d]. The product runs over chunks of positions so the
+    re-laid-out deltas it needs stay below ``POSITION_FLOATS`` floats whatever T is."""
+    grad = grad if grad.dim() == 4 else grad[:, :, None, :]  # [B, T, R_block, d]
+    B, T, Rb, d = grad.shape
+    D = rows[:n_up].view(n_up, B, T, d)  # [n_up, B, T, d]
+    out = torch.empty(n_up, Rb, T, dtype=rows.dtype, device=rows.device)
+    step = max(1, POSITION_FLOATS // max(1, n_up * B * d))
+    for lo in range(0, T, step):
+        hi = min(T, lo + step)
+        g = wide(grad[:, lo:hi]).to(rows.dtype)  # [B, t, R_block, d]
+        out[:, :, lo:hi] = torch.einsum("sbtd,btrd->srt", D[:, :, lo:hi], g)
+    return out
+
+
 class _ScoreSink:
     """Adds ``sum_{b,t} D[b,t,u] . grad_r[b,t]`` into ``scores[u, r]`` as receiver gradients arrive.
 
@@ -129,7 +156,8 @@ class _ScoreSink:
         self.experiment = experiment
         self.batch = batch
         self.graph = experiment.spec.graph
-        self.scores = scores  # [S, R] float64 accumulator
+        self.scores = scores  # [S, R] (or positional [S, R, T]) float64 accumulator
+        self.block = _positional_block_scores if scores.dim() == 3 else _block_scores
 
     def attach(self, receivers: rt.ReceiverInputs, rows: Tensor, weight: float) -> None:
         """Register gradient hooks on every receiver input; ``rows`` [S, B*T*d] from ``_delta_rows``."""
@@ -143,7 +171,7 @@ class _ScoreSink:
 
     def _hook(self, tensor: Tensor, rows: Tensor, n_up: int, cols: slice, weight: float) -> None:
         def on_grad(grad: Tensor) -> None:
-            block = _block_scores(rows, grad, n_up)  # [n_up, R_block]
+            block = self.block(rows, grad, n_up)  # [n_up, R_block] (positional: [n_up, R_block, T])
             check_finite(block, self.experiment, self.batch, "an EAP score (delta . gradient)",
                          (("the gradient", grad), ("the delta A - a", _prompt_view(rows, grad.shape[0]))))
             self.scores[:n_up, cols] += weight * block.double()
@@ -203,11 +231,31 @@ def eap(experiment: Experiment, progress: bool = False, checkpoint: Checkpointer
     ``checkpoint``: save the partial sums after every batch and skip saved batches when resuming.
     On a shard of a distributed run (``circuits.distributed``) the partial sums of all ranks are
     added, so every rank returns the scores of the whole dataset."""
+    scores = _eap_sums(experiment, None, progress, checkpoint)
+    return EdgeScores(experiment.spec.graph, scores.float(), "eap", _settings(experiment))
+
+
+def positional_eap(
+    experiment: Experiment, tokenizer: object | None = None, progress: bool = False, checkpoint: Checkpointer | None = None
+) -> PositionalEdgeScores:
+    """EAP per token position: ``score[u, r, t]`` (see the module docstring). Same cost as ``eap``
+    (one forward + one backward per batch); the accumulator is T times larger. ``tokenizer`` only
+    names the positions (column headers)."""
+    alignment = check_alignment(experiment.task, tokenizer)
+    scores = _eap_sums(experiment, alignment.length, progress, checkpoint)
+    settings = _settings(experiment, positional=True, read_position=alignment.read_position)
+    return PositionalEdgeScores(experiment.spec.graph, scores.float(), alignment.tokens, "eap", settings)
+
+
+def _eap_sums(
+    experiment: Experiment, positions: int | None, progress: bool, checkpoint: Checkpointer | None
+) -> Tensor:
+    """The EAP scores of the whole dataset, float64 [S, R] (or [S, R, T] with ``positions`` = T)."""
     _refuse_kl(experiment, "EAP")
     g = experiment.spec.graph
     red = reducer(experiment)
     N = red.count(experiment.n_prompts)
-    scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    scores = torch.zeros(g.n_senders, g.n_receivers, *(() if positions is None else (positions,)), dtype=torch.float64)
     state = BatchProgress(experiment, checkpoint, {"scores": scores})
     bar = progress_bar(experiment.n_prompts, "EAP", progress, "prompt")
     bar.update(state.prompts_done())
@@ -215,8 +263,7 @@ def eap(experiment: Experiment, progress: bool = False, checkpoint: Checkpointer
         _gradient_pass(experiment, batch, scores, 1.0 / N)  # deltas from the same clean pass
         bar.update(batch.size)
     bar.close()
-    scores = red.sum(scores)
-    return EdgeScores(g, scores.float(), "eap", _settings(experiment))
+    return red.sum(scores)
 
 
 def eap_ig(
@@ -229,12 +276,46 @@ def eap_ig(
 ) -> EdgeScores:
     """EAP with integrated gradients over the inputs or over the edge activations (``checkpoint``
     and distributed shards as for ``eap``)."""
+    scores = _eap_ig_sums(experiment, None, steps, variant, schedule, progress, checkpoint)
+    return EdgeScores(
+        experiment.spec.graph, scores.float(), f"eap-ig-{variant}",
+        _settings(experiment, steps=steps, variant=variant, schedule=schedule),
+    )
+
+
+def positional_eap_ig(
+    experiment: Experiment,
+    steps: int = 5,
+    variant: str = "inputs",
+    schedule: str = "midpoint",
+    tokenizer: object | None = None,
+    progress: bool = False,
+    checkpoint: Checkpointer | None = None,
+) -> PositionalEdgeScores:
+    """EAP-IG per token position (``eap_ig`` without the sum over positions)."""
+    alignment = check_alignment(experiment.task, tokenizer)
+    scores = _eap_ig_sums(experiment, alignment.length, steps, variant, schedule, progress, checkpoint)
+    settings = _settings(experiment, steps=steps, variant=variant, schedule=schedule, positional=True,
+                         read_position=alignment.read_position)
+    return PositionalEdgeScores(experiment.spec.graph, scores.float(), alignment.tokens, f"eap-ig-{variant}", settings)
+
+
+def _eap_ig_sums(
+    experiment: Experiment,
+    positions: int | None,
+    steps: int,
+    variant: str,
+    schedule: str,
+    progress: bool,
+    checkpoint: Checkpointer | None,
+) -> Tensor:
+    """The EAP-IG scores of the whole dataset, float64 [S, R] (or [S, R, T] with ``positions`` = T)."""
     if variant not in ("inputs", "activations"):
         raise AttributionError("variant must be 'inputs' or 'activations'")
     points = alphas(steps, schedule)
     spec, g = experiment.spec, experiment.spec.graph
     red = reducer(experiment)
-    scores = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64)
+    scores = torch.zeros(g.n_senders, g.n_receivers, *(() if positions is None else (positions,)), dtype=torch.float64)
     weight = 1.0 / (red.count(experiment.n_prompts) * steps)
     state = BatchProgress(experiment, checkpoint, {"scores": scores})
     bar = progress_bar(experiment.n_prompts * steps, f"EAP-IG ({variant})", progress, "prompt-step")
@@ -254,10 +335,7 @@ def eap_ig(
                 _gradient_pass(experiment, batch, scores, weight, mask=mask)
                 bar.update(batch.size)
     bar.close()
-    scores = red.sum(scores)
-    return EdgeScores(
-        g, scores.float(), f"eap-ig-{variant}", _settings(experiment, steps=steps, variant=variant, schedule=schedule)
-    )
+    return red.sum(scores)
 
 
 def _settings(experiment: Experiment, **extra: object) -> dict[str, object]:

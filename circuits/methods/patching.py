@@ -10,6 +10,11 @@ of the intervention, averaged over the prompts.
 * ``edge_patching``: ``m(clean, edge u->r ablated) - m(clean)`` for every edge (one edge per batch
   row, runs resumed from a clean checkpoint at the receiver's layer, so an edge into layer l costs
   only the layers after it).
+* ``positional_edge_patching``: ``m(clean, edge u@t -> r@t ablated) - m(clean)`` for every
+  (edge, position) pair, or a candidate subset (docs/positions.md): the edge is ablated at token
+  ``t`` only. Pairs that cannot change the metric are skipped and score exactly 0: receivers at
+  positions after the (shared) read position - attention is causal - and edges into ``logits`` at
+  any position but the read position.
 * ``path_patching`` (Wang et al. 2022): for each sender s and a receiver set R, run the clean prompts
   with s set to its ablation value and every *other head frozen* to its clean output while MLPs
   (and their norms) are recomputed; record what the receivers in R read; then rerun the clean
@@ -32,11 +37,13 @@ from circuits.checkpoint import BatchProgress, Checkpointer, batches_from
 from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
 from circuits.numerics import score
+from circuits.positional import check_alignment
 from circuits.progress import progress_bar
 from graphs import ops
 from graphs import runtime as rt
 from graphs.graph import ComputationGraph
 from graphs.ids import NodeId, NodeKind, ReceiverId, parse_node, parse_receiver
+from graphs.positional import PositionalEdgeScores
 from graphs.scores import EdgeScores, NodeScores
 
 
@@ -208,6 +215,82 @@ def edge_patching(
     totals = red.sum(totals)
     settings = _settings(experiment) if edges is None else _settings(experiment, edges=n_wanted)
     return EdgeScores(g, (totals / red.count(experiment.n_prompts)).float(), "edge-patching", settings)
+
+
+def positional_edge_patching(
+    experiment: Experiment,
+    max_rows: int = 256,
+    progress: bool = False,
+    edges: Tensor | None = None,
+    tokenizer: object | None = None,
+) -> PositionalEdgeScores:
+    """Every (edge, position) pair's single-edge effect ``m(clean, u@t -> r@t ablated) - m(clean)``.
+
+    ``edges``: candidates, [S, R] bool (those edges at every position) or [S, R, T] bool; the rest
+    score 0. Cost: one row of a batched pass per (candidate, prompt), resumed from a clean
+    checkpoint at the receiver's layer; at most ``max_rows`` rows per pass, so memory does not grow
+    with the number of candidates. On a real model pass a candidate subset (e.g. the top edges of
+    positional EAP): all pairs are T times the edges. Needs one token alignment."""
+    alignment = check_alignment(experiment.task, tokenizer)
+    spec, g = experiment.spec, experiment.spec.graph
+    T, read = alignment.length, alignment.read_position
+    red = reducer(experiment)
+    wanted = _positional_candidates(g, T, read, edges)  # [S, R, T] bool
+    n_wanted = int(wanted.sum())
+    totals = torch.zeros(g.n_senders, g.n_receivers, T, dtype=torch.float64)
+    bar = progress_bar(n_wanted * experiment.n_prompts, "positional edge patching", progress, "edge-prompt")
+    for batch in experiment.batches():
+        P = batch.size
+        clean = rt.clean_run(spec, batch.clean_ids, batch.read_positions)
+        m_clean = score(experiment, batch, clean.logits)  # [P]
+        K_max = _rows_per_pass(max_rows, P)
+        for layer, receivers in _receiver_blocks(g):
+            block = torch.zeros_like(wanted)
+            block[:, receivers] = wanted[:, receivers]
+            ts, rs, ss = block.permute(2, 1, 0).nonzero(as_tuple=True)  # positional edge order: (t, r, s)
+            if ss.numel() == 0:
+                continue
+            resume_at = clean.at(spec, layer)
+            for lo in range(0, ss.numel(), K_max):
+                senders, targets, positions = ss[lo : lo + K_max], rs[lo : lo + K_max], ts[lo : lo + K_max]
+                K = senders.numel()
+                with torch.no_grad():
+                    logits = rt.run(
+                        spec,
+                        batch.clean_ids.repeat(K, 1),
+                        edits=rt.SparseEdits.one_positional_edge_per_row(senders, targets, positions, P),
+                        ablation=batch.ablation,
+                        read_positions=batch.read_positions.repeat(K),
+                        start=resume_at,
+                    ).logits
+                m = score(experiment, batch, logits.view(K, P, -1))  # [K, P]
+                totals[senders, targets, positions] += (m - m_clean).sum(1).double()
+                bar.update(K * P)
+    bar.close()
+    totals = red.sum(totals)
+    settings = _settings(experiment, positional=True, read_position=read, edges=n_wanted)
+    values = (totals / red.count(experiment.n_prompts)).float()
+    return PositionalEdgeScores(g, values, alignment.tokens, "edge-patching", settings)
+
+
+def _positional_candidates(g: ComputationGraph, T: int, read: int, edges: Tensor | None) -> Tensor:
+    """[S, R, T] bool of the (edge, position) pairs to patch, without pairs that cannot act."""
+    if edges is None:
+        wanted = g.edge_mask[:, :, None].expand(-1, -1, T).clone()
+    elif edges.dim() == 2 and tuple(edges.shape) == (g.n_senders, g.n_receivers):
+        wanted = (edges.to(torch.bool) & g.edge_mask)[:, :, None].expand(-1, -1, T).clone()
+    elif edges.dim() == 3 and tuple(edges.shape) == (g.n_senders, g.n_receivers, T):
+        wanted = edges.to(torch.bool) & g.edge_mask[:, :, None]
+    else:
+        raise PatchingError(
+            f"candidate edges must be [{g.n_senders}, {g.n_receivers}] or [{g.n_senders}, {g.n_receivers}, {T}] bool, "
+            f"got {tuple(edges.shape)}"
+        )
+    wanted[:, :, read + 1 :] = False  # causal: later positions never reach the read position
+    logits_row = wanted[:, g.logits_receiver].clone()
+    wanted[:, g.logits_receiver] = False
+    wanted[:, g.logits_receiver, read] = logits_row[:, read]  # the logits are read at one position
+    return wanted
 
 
 def _receiver_blocks(g: ComputationGraph) -> list[tuple[int, list[int]]]:
