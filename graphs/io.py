@@ -33,11 +33,13 @@ import torch
 
 from graphs.circuit import Circuit
 from graphs.graph import ComputationGraph
-from graphs.ids import IdError, NodeId, parse_edge, parse_node
+from graphs.ids import IdError, NodeId, parse_edge, parse_node, parse_positional_edge
+from graphs.positional import MAX_POSITIONS, PositionalCircuit, PositionalEdgeScores
 from graphs.provenance import ProvenanceError, check_provenance, json_safe
 from graphs.scores import EdgeScores
 
 FORMAT_NAME = "causal-circuits/circuit"
+POSITIONAL_FORMAT_NAME = "causal-circuits/positional-circuit"
 FORMAT_VERSION = 1
 MIB_EXTENSION_KEY = "causal_circuits"  # our extra top-level key in MIB files (EAP-IG ignores it)
 MIB_EXTENSION_NAME = "causal-circuits/mib-extension"
@@ -440,6 +442,8 @@ def _circuit_from_dict(data: Any, name: str) -> Circuit:
     if "format" not in top:
         raise CircuitFileError(f"{name}: missing key 'format'{hint}")
     fmt = top["format"]
+    if fmt == POSITIONAL_FORMAT_NAME:
+        raise CircuitFileError(f"{name}: this is a token-position circuit: read it with load_positional_circuit")
     if fmt != FORMAT_NAME:
         raise CircuitFileError(f"{name}: not a {FORMAT_NAME} file (format {str(fmt)[:80]!r}){hint}")
     version = _int(_get(top, "version", name), f"{name}.version")
@@ -706,3 +710,141 @@ def xml_safe_view(circuit: Circuit) -> nx.DiGraph:
                 if slot:
                     data[f"score_{slot}"] = float(value)
     return view
+
+
+# ====================================================================== token-position circuits
+def positional_circuit_to_dict(circuit: PositionalCircuit) -> dict[str, Any]:
+    """A positional circuit as a JSON-ready dict (docs/positions.md, docs/formats.md).
+
+    Edges carry positional ids (``a0.h1@3->a3.h2@3<q>``). Listed: every positional edge that is in
+    the circuit or has a nonzero score, in positional edge order; an unlisted edge is not in the
+    circuit and scores 0, so the scores round-trip exactly without listing T times every edge."""
+    g = circuit.graph
+    scores = circuit.scores
+    listed = circuit.in_circuit.clone()
+    if scores is not None:
+        bad = ~torch.isfinite(scores.values)
+        if bool(bad.any()):
+            s, r, t = (int(i) for i in bad.nonzero()[0])
+            raise ValueError(f"save: score of {g.edge_id(s, r).at(t)} is not finite; files hold finite scores only")
+        listed |= scores.values != 0
+    listed &= g.edge_mask[:, :, None]
+    ts, rs, ss = listed.permute(2, 1, 0).nonzero(as_tuple=True)  # positional edge order
+    edges = []
+    values = None if scores is None else scores.values[ss, rs, ts].tolist()
+    members = circuit.in_circuit[ss, rs, ts].tolist()
+    for i, (s, r, t) in enumerate(zip(ss.tolist(), rs.tolist(), ts.tolist(), strict=True)):
+        edge = g.edge_id(s, r).at(t)
+        edges.append({"id": str(edge), "score": None if values is None else values[i], "in_circuit": members[i]})
+    return {
+        "format": POSITIONAL_FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "graph": {"n_layers": g.n_layers, "n_heads": g.n_heads, "parallel_residual": g.parallel_residual},
+        "tokens": list(circuit.tokens),
+        "provenance": check_provenance(circuit.provenance),
+        "scores": _positional_scores_meta_out(scores),
+        "n_edges": circuit.n_edges,
+        "edges": edges,
+    }
+
+
+def _positional_scores_meta_out(scores: PositionalEdgeScores | None) -> dict[str, Any] | None:
+    if scores is None:
+        return None
+    dtype = {v: k for k, v in _DTYPES.items()}.get(scores.values.dtype)
+    if dtype is None:
+        raise ValueError(f"cannot store {scores.values.dtype} scores (float32 or float64 only)")
+    return {"method": scores.method, "settings": json_safe(scores.settings, "scores.settings"), "dtype": dtype}
+
+
+def positional_circuit_from_dict(data: Any, name: str = "positional circuit") -> PositionalCircuit:
+    """Rebuild a positional circuit from ``positional_circuit_to_dict`` output (CircuitFileError otherwise)."""
+    return _checked(_positional_circuit_from_dict, data, name)
+
+
+def _positional_circuit_from_dict(data: Any, name: str) -> PositionalCircuit:
+    top = _dict(data, name)
+    fmt = _get(top, "format", name)
+    if fmt != POSITIONAL_FORMAT_NAME:
+        hint = " (a non-positional circuit: use load_circuit)" if fmt == FORMAT_NAME else ""
+        raise CircuitFileError(f"{name}: not a {POSITIONAL_FORMAT_NAME} file (format {str(fmt)[:80]!r}){hint}")
+    version = _int(_get(top, "version", name), f"{name}.version")
+    if version != FORMAT_VERSION:
+        raise CircuitFileError(f"{name}: unsupported format version {version}; this tool reads {FORMAT_VERSION}")
+    _reject_nan(top, name)
+    graph = make_graph(_dict(_get(top, "graph", name), f"{name}.graph"), "parallel_residual", f"{name}.graph")
+    tokens = [_str(t, f"{name}.tokens[{i}]") for i, t in enumerate(_list(_get(top, "tokens", name), f"{name}.tokens"))]
+    T = len(tokens)
+    if not 1 <= T <= MAX_POSITIONS:
+        raise CircuitFileError(f"{name}.tokens: need 1 to {MAX_POSITIONS} positions, got {T}")
+    dense = graph.n_senders * graph.n_receivers * T
+    if dense > MAX_DENSE_ENTRIES:
+        raise CircuitFileError(f"{name}: {T} positions need {dense} dense score entries, above the cap of {MAX_DENSE_ENTRIES}")
+    provenance = _json_value(top.get("provenance", {}), f"{name}.provenance")
+    meta = _scores_meta(top.get("scores"), f"{name}.scores")
+    if "n_edges" in top:
+        _int(top["n_edges"], f"{name}.n_edges")
+    mask = torch.zeros(graph.n_senders, graph.n_receivers, T, dtype=torch.bool)
+    cells: list[tuple[int, int, int]] = []
+    values: list[float] = []
+    seen: dict[tuple[int, int, int], str] = {}
+    for i, entry in enumerate(_list(_get(top, "edges", name), f"{name}.edges")):
+        where = f"{name}.edges[{i}]"
+        entry = _dict(entry, where)
+        text = _str(_get(entry, "id", where), f"{where}.id")
+        try:
+            base, t = parse_positional_edge(text)
+            s, r = graph.edge_index(base)
+        except IdError as err:
+            raise CircuitFileError(f"{where}.id: {str(err)[:300]}") from None
+        if t >= T:
+            raise CircuitFileError(f"{where}.id: {text[:200]!r} is at position {t}, the file has {T} positions")
+        cell = (s, r, t)
+        if cell in seen:
+            raise CircuitFileError(f"{where}: duplicate edge {text[:200]!r}")
+        seen[cell] = text
+        if _bool(_get(entry, "in_circuit", where), f"{where}.in_circuit"):
+            mask[cell] = True
+        raw = entry.get("score")
+        if meta is None:
+            if raw is not None:
+                raise CircuitFileError(f"{where}.score: the file declares no scores (\"scores\": null) but this edge has one")
+            continue
+        cells.append(cell)
+        values.append(_number(_get(entry, "score", where), f"{where}.score"))
+    scores = None
+    if meta is not None:
+        method, settings, dtype = meta
+        dense_scores = torch.zeros(graph.n_senders, graph.n_receivers, T, dtype=dtype)
+        if cells:
+            vals = torch.tensor(values, dtype=torch.float64).to(dtype)
+            if not bool(torch.isfinite(vals).all()):
+                raise CircuitFileError(f"{name}.edges: a score overflows {dtype}")
+            ss, rs, ts = zip(*cells, strict=True)
+            dense_scores[list(ss), list(rs), list(ts)] = vals
+        scores = PositionalEdgeScores(graph, dense_scores, tuple(tokens), method, settings)
+    return PositionalCircuit(graph, mask, tuple(tokens), scores, provenance)
+
+
+def save_positional_circuit(circuit: PositionalCircuit, path: PathLike) -> None:
+    """Write a positional circuit as JSON, atomically (ValueError for non-finite scores)."""
+    _write_json(positional_circuit_to_dict(circuit), path)
+
+
+def load_positional_circuit(path: PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> PositionalCircuit:
+    """Read a file written by ``save_positional_circuit``; CircuitFileError on any problem."""
+    return positional_circuit_from_dict(read_json_file(path, max_bytes, allow_nan=True), str(path))
+
+
+def save_positional_mib_json(
+    circuit: PositionalCircuit, path: PathLike, d_model: int | None = None, *, collapse: bool = False
+) -> None:
+    """MIB / EAP-IG circuit JSON has no token positions. With ``collapse=True`` write its nearest
+    equivalent, ``circuit.collapsed()`` (an edge is in it if it is in at any position; scores
+    summed over positions); otherwise refuse with a ValueError that says so."""
+    if not collapse:
+        raise ValueError(
+            "MIB / EAP-IG circuit JSON has no token positions, so a positional circuit has no exact MIB form; "
+            "pass collapse=True to write circuit.collapsed() (edges in at any position, scores summed)"
+        )
+    save_mib_json(circuit.collapsed(), path, d_model)

@@ -249,3 +249,82 @@ def test_positional_faithfulness() -> None:
     mask = torch.zeros(g.n_senders, g.n_receivers, T)
     mask[...] = (g.edge_mask[:, :, None] & ~only_last).float()
     assert f_last == pytest.approx(base.normalise(exp.dataset_mean(mask)), abs=1e-6)
+
+
+# ----------------------------------------------------------------------------- files and drawings
+
+
+def _scored_circuit() -> PositionalCircuit:
+    from graphs.graph import ComputationGraph
+
+    g = ComputationGraph(2, 3)
+    toks = ("When", "<script>alert(1)</script>", " Mary", "&amp;", "\\G")
+    values = torch.randn(g.n_senders, g.n_receivers, 5, generator=torch.Generator().manual_seed(0))
+    values[:, :, 3] = 0  # unlisted in the file: still round-trips
+    scores = PositionalEdgeScores(g, values, toks, "eap", {"positional": True})
+    edges = [f"input@{t}->a0.h1@{t}<q>" for t in range(5)] + [f"a0.h1@{t}->logits@{t}" for t in range(5)]
+    return PositionalCircuit.from_edges(g, toks, edges + ["m0@1->a1.h2@1<k>"], scores, {"model": "tiny"})
+
+
+def test_positional_json_round_trip_and_hostile_files(tmp_path) -> None:
+    from graphs.io import (
+        CircuitFileError,
+        load_circuit,
+        load_positional_circuit,
+        positional_circuit_from_dict,
+        positional_circuit_to_dict,
+        save_positional_circuit,
+        save_positional_mib_json,
+        load_mib_json,
+    )
+
+    pc = _scored_circuit()
+    path = tmp_path / "pc.json"
+    save_positional_circuit(pc, path)
+    back = load_positional_circuit(path)
+    assert torch.equal(back.in_circuit, pc.in_circuit) and back.tokens == pc.tokens
+    assert back.scores is not None and pc.scores is not None and torch.equal(back.scores.values, pc.scores.values)
+    assert dict(back.provenance) == dict(pc.provenance)
+    assert "a0.h1@2->logits@2" in path.read_text()
+    with pytest.raises(CircuitFileError, match="token-position circuit"):
+        load_circuit(path)
+    good = positional_circuit_to_dict(pc)
+    bad_cases = {
+        "equal positions": {**good, "edges": [{"id": "a0.h1@1->logits@2", "score": 1.0, "in_circuit": True}]},
+        "position 7": {**good, "edges": [{"id": "a0.h1@7->logits@7", "score": 1.0, "in_circuit": True}]},
+        "not a positional edge": {**good, "edges": [{"id": "a0.h1->logits", "score": 1.0, "in_circuit": True}]},
+        "duplicate": {**good, "edges": good["edges"][:1] * 2},
+        "not upstream": {**good, "edges": [{"id": "a1.h0@0->a0.h1@0<q>", "score": 1.0, "in_circuit": True}]},
+        "tokens": {**good, "tokens": [1, 2]},
+        "positions": {**good, "tokens": []},
+        "true or false": {**good, "edges": [{"id": "a0.h1@1->logits@1", "score": 1.0, "in_circuit": "yes"}]},
+    }
+    for message, data in bad_cases.items():
+        with pytest.raises(CircuitFileError, match=message):
+            positional_circuit_from_dict(data)
+    with pytest.raises(ValueError, match="no token positions"):
+        save_positional_mib_json(pc, tmp_path / "mib.json", d_model=8)
+    save_positional_mib_json(pc, tmp_path / "mib.json", d_model=8, collapse=True)
+    mib = load_mib_json(tmp_path / "mib.json")
+    assert torch.equal(mib.in_circuit, pc.collapsed().in_circuit)
+    assert torch.allclose(mib.scores.values, pc.scores.summed().values)
+
+
+def test_positional_svg_has_token_columns_escaped(tmp_path) -> None:
+    import re
+    import xml.etree.ElementTree as ET
+
+    from graphs.render_positional import render_positional
+
+    pc = _scored_circuit()
+    result = render_positional(pc, tmp_path / "pc.svg")
+    svg = (tmp_path / "pc.svg").read_text()
+    root = ET.fromstring(svg)  # well-formed XML
+    texts = [el.text for el in root.iter() if el.text]
+    assert "<script>alert(1)</script>" in texts  # shown as text ...
+    assert not any(el.tag.endswith("script") for el in root.iter())  # ... never as an element
+    assert "\\G" in texts and "&amp;" in texts
+    xs = [float(re.search(rf'id="cc_col{t}".*?<text[^>]*x="([-\d.]+)"', svg, re.S).group(1)) for t in range(5)]
+    assert xs == sorted(xs)  # columns in token order
+    assert result.n_edges == pc.n_edges
+    assert 'id="cc_n2_p2"' in svg  # a0.h1 (sender 2) at position 2
