@@ -40,6 +40,7 @@ from circuits.evaluate import (
     RandomBaseline,
     faithfulness,
     faithfulness_curve,
+    positional_faithfulness,
     random_baseline,
     reference_metrics,
 )
@@ -53,6 +54,7 @@ from graphs.adapters import build_spec
 from graphs.circuit import Circuit
 from graphs.graph import ComputationGraph
 from graphs.loading import LoadedModel, load_model
+from graphs.positional import PositionalCircuit, PositionalEdgeScores
 from graphs.provenance import make_provenance
 from graphs.scores import EdgeScores
 
@@ -61,6 +63,7 @@ class DiscoveryError(ValueError):
     """The discovery settings are inconsistent (e.g. two selection rules at once)."""
 
 
+POSITIONAL_METHODS = ("eap", "eap-ig", "edge-patching")
 LIMITS = {"n_prompts": 10**7, "steps": 10**5, "random_samples": 10**5, "k": 10**6}
 
 
@@ -85,6 +88,8 @@ class DiscoverySettings:
     k: int = 5  # path-patching search
     random_samples: int = 5
     curve: bool = True
+    positional: bool = False  # token-position circuit (eap, eap-ig, edge-patching; docs/positions.md)
+    aligned_subset: bool = False  # positional: keep the largest group of prompts sharing one alignment
 
     def __post_init__(self) -> None:
         """Refuse wrong types and non-finite numbers (config files can hold anything) up front."""
@@ -123,6 +128,13 @@ class DiscoverySettings:
             raise DiscoveryError(f"tau must be non-negative, got {self.tau}")
         if self.target_faithfulness is not None and not 0 < self.target_faithfulness <= 1:
             raise DiscoveryError(f"target_faithfulness must lie in (0, 1], got {self.target_faithfulness}")
+        if self.positional and self.method not in POSITIONAL_METHODS:
+            raise DiscoveryError(
+                f"--positional supports {', '.join(POSITIONAL_METHODS)}; {self.method} has no token-position "
+                "variant yet (docs/positions.md)"
+            )
+        if self.positional and self.selection != "top-n":
+            raise DiscoveryError("positional circuits are selected top-n (or by threshold); greedy is not supported")
 
     def rule(self) -> str:
         """Which selection rule applies: "acdc", "edges", "threshold" or "target"."""
@@ -261,8 +273,9 @@ def discover(
     *,
     run_dir: str | Path | None = None,
     resume: bool = False,
-) -> DiscoveryResult:
-    """Run the whole pipeline in this process (see the module docstring).
+) -> DiscoveryResult | PositionalDiscoveryResult:
+    """Run the whole pipeline in this process (see the module docstring; ``settings.positional``:
+    a token-position circuit, ``discover_positional``).
 
     ``run_dir``: keep progress files there (``resume``: continue from them); ``run`` also writes the
     outputs there, and is the entry point for distributed jobs."""
@@ -279,12 +292,16 @@ def discover_on_rank(
     run_dir: str | Path | None = None,
     resume: bool = False,
     world: World = SINGLE,
-) -> DiscoveryResult | None:
+) -> DiscoveryResult | PositionalDiscoveryResult | None:
     """``discover`` as one rank of a job (``world`` from ``circuits.distributed.init_from_env``):
     every rank scores its shard; ranks other than 0 return None once the scores are reduced, and
     rank 0 alone selects and evaluates."""
     rule = settings.rule()
     info = method(settings.method)
+    if settings.positional:
+        if world.active or resume:
+            raise DiscoveryError("positional discovery runs in one process and does not resume yet")
+        return discover_positional(settings, progress, loaded)
     check_progress(run_dir, resume)
     date = provenance_date()
     sharded = world.active and settings.method in SHARDED
@@ -409,6 +426,8 @@ def run(
     result = discover_on_rank(settings, progress, loaded, run_dir=out_dir, resume=resume, world=world)
     if result is None:
         return None
+    if isinstance(result, PositionalDiscoveryResult):
+        return result, write_positional_outputs(result, out_dir, svg=svg)  # type: ignore[return-value]
     paths = write_outputs(result, out_dir, svg=svg)
     clear_progress(out_dir)
     return result, paths
@@ -504,6 +523,159 @@ def write_outputs(result: DiscoveryResult, out_dir: str | Path, svg: bool = True
     return paths
 
 
+# ====================================================================== token-position circuits
+@dataclass(frozen=True, eq=False)
+class PositionalDiscoveryResult:
+    """What ``discover`` returns with ``positional=True`` (docs/positions.md)."""
+
+    settings: DiscoverySettings
+    circuit: PositionalCircuit
+    scores: PositionalEdgeScores
+    faithfulness: Faithfulness
+    read_position: int
+    timings: dict[str, float] = field(default_factory=dict)
+    d_model: int = 0
+
+    def summary(self) -> dict[str, Any]:
+        nodes = self.circuit.nodes()
+        heads = [n for n in nodes if n.kind.value == "head"]
+        return {
+            "method": self.settings.method,
+            "positional": True,
+            "edges": self.circuit.n_edges,
+            "edge_fraction": self.circuit.edge_fraction,
+            "positions": self.circuit.n_positions,
+            "read_position": self.read_position,
+            "nodes": len(nodes),
+            "heads": len(heads),
+            "heads_at_read_position": sum(1 for n in heads if n.position == self.read_position),
+            "mlps": sum(1 for n in nodes if n.kind.value == "mlp"),
+            "faithfulness": self.faithfulness.value,
+            "random_faithfulness": None,
+            "cpr": None,
+            "cmd": None,
+            "seconds": self.timings,
+        }
+
+
+def _positional_scores(settings: DiscoverySettings, experiment: Experiment, tokenizer: Any, progress: bool
+                       ) -> PositionalEdgeScores:
+    from circuits.methods.eap import positional_eap, positional_eap_ig
+    from circuits.methods.patching import positional_edge_patching
+
+    if settings.method == "eap":
+        return positional_eap(experiment, tokenizer=tokenizer, progress=progress)
+    if settings.method == "eap-ig":
+        return positional_eap_ig(experiment, steps=settings.steps, variant=settings.ig_variant, tokenizer=tokenizer,
+                                 progress=progress)
+    return positional_edge_patching(experiment, tokenizer=tokenizer, progress=progress)
+
+
+def positional_minimal_circuit(
+    experiment: Experiment, scores: PositionalEdgeScores, target: float, baseline: Any
+) -> tuple[PositionalCircuit, Faithfulness]:
+    """The smallest top-n positional circuit reaching ``target`` faithfulness, by bisection over n
+    (n ranges over the edges with a nonzero score; faithfulness is assumed to grow with n)."""
+    hi = max(1, int((scores.values != 0).sum()))
+
+    def at(n: int) -> tuple[PositionalCircuit, Faithfulness]:
+        circuit = PositionalCircuit(scores.graph, scores.top_n_mask(n), scores.tokens, scores)
+        return circuit, positional_faithfulness(experiment, circuit, baseline)
+
+    best = at(hi)
+    if best[1].value < target:
+        return best
+    lo = 0  # f(lo) < target (the empty circuit has f = 0)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        trial = at(mid)
+        if trial[1].value >= target:
+            hi, best = mid, trial
+        else:
+            lo = mid
+    return best
+
+
+def discover_positional(
+    settings: DiscoverySettings, progress: bool = False, loaded: LoadedModel | None = None
+) -> PositionalDiscoveryResult:
+    """``discover`` for a token-position circuit: positional scores, top-n / threshold / minimal
+    positional circuit, positional faithfulness. The task must share one token alignment (or pass
+    ``aligned_subset=True`` to keep the largest aligned group of prompts)."""
+    from circuits.positional import aligned_subset, check_alignment
+
+    rule = settings.rule()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    loaded = loaded or load_model(settings.model, progress=progress)
+    spec = build_spec(loaded.model)
+    task = load_task(settings, loaded)
+    if settings.aligned_subset:
+        task = aligned_subset(task)
+    alignment = check_alignment(task, loaded.tokenizer)
+    metric = make_metric(settings.metric or method(settings.method).default_metric)
+    experiment = Experiment(spec, task, metric, ablation=settings.ablation, batch_size=settings.batch_size)
+    timings["load"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    scores = _positional_scores(settings, experiment, loaded.tokenizer, progress)
+    timings["scores"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    baseline = reference_metrics(experiment)
+    if rule == "edges":
+        assert settings.edges is not None
+        circuit = PositionalCircuit(spec.graph, scores.top_n_mask(settings.edges), scores.tokens, scores)
+        faith = positional_faithfulness(experiment, circuit, baseline)
+    elif rule == "threshold":
+        assert settings.threshold is not None
+        circuit = PositionalCircuit(spec.graph, scores.threshold_mask(settings.threshold), scores.tokens, scores)
+        faith = positional_faithfulness(experiment, circuit, baseline)
+    else:
+        assert settings.target_faithfulness is not None
+        circuit, faith = positional_minimal_circuit(experiment, scores, settings.target_faithfulness, baseline)
+    timings["evaluate"] = time.perf_counter() - t0
+    date = provenance_date()
+    provenance = make_provenance(
+        model=loaded.name, model_revision=loaded.revision, family=loaded.family, task=task.name,
+        dataset_sha256=task.dataset_hash(), n_prompts=len(task), method=settings.method,
+        settings={**dict(scores.settings), **_method_settings(settings), "positional": True},
+        selection=rule if rule != "target" else f"minimal circuit at faithfulness >= {settings.target_faithfulness}",
+        ablation=settings.ablation, metric=metric.name, seed=settings.seed, faithfulness=faith.value,
+        d_model=spec.d_model, read_position=alignment.read_position,
+        **({"date": date} if date is not None else {}),
+    )
+    circuit = circuit.with_provenance(**provenance)
+    return PositionalDiscoveryResult(settings, circuit, scores, faith, alignment.read_position, timings, spec.d_model)
+
+
+SVG_TOP = 300  # positional drawings show at most this many edges (the strongest)
+
+
+def write_positional_outputs(result: PositionalDiscoveryResult, out_dir: str | Path, svg: bool = True) -> dict[str, Path]:
+    """Write circuit.json (positional ids), scores.safetensors ([S, R, T] scores and circuit mask)
+    and circuit.svg (positions as columns; the ``SVG_TOP`` strongest circuit edges), atomically each."""
+    from graphs.io import atomic_write, save_positional_circuit
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"circuit": out / "circuit.json", "scores": out / "scores.safetensors"}
+    save_positional_circuit(result.circuit, paths["circuit"])
+    g = result.scores.graph
+    metadata = {"provenance": json.dumps(dict(result.circuit.provenance), sort_keys=True),
+                "tokens": json.dumps(list(result.scores.tokens)),
+                "graph": json.dumps({"n_layers": g.n_layers, "n_heads": g.n_heads,
+                                     "parallel_residual": g.parallel_residual}, sort_keys=True)}
+    tensors = {"scores": result.scores.values.contiguous(), "in_circuit": result.circuit.in_circuit.contiguous()}
+    with atomic_write(paths["scores"]) as handle:
+        handle.write(safetensors_bytes(tensors, metadata))
+    if svg:
+        from graphs.render_positional import render_positional
+
+        paths["svg"] = out / "circuit.svg"
+        top = SVG_TOP if result.circuit.n_edges > SVG_TOP else None
+        render_positional(result.circuit, paths["svg"], fmt="svg", top=top)
+    return paths
+
+
 def settings_from_mapping(values: Mapping[str, Any]) -> DiscoverySettings:
     """Settings from a config mapping (e.g. a TOML file's table); unknown keys are an error."""
     known = set(DiscoverySettings.__dataclass_fields__)
@@ -513,5 +685,5 @@ def settings_from_mapping(values: Mapping[str, Any]) -> DiscoverySettings:
     return DiscoverySettings(**dict(values))
 
 
-__all__ = ["DiscoveryResult", "DiscoverySettings", "check_progress", "clear_progress", "discover", "discover_on_rank",
+__all__ = ["DiscoveryResult", "DiscoverySettings", "PositionalDiscoveryResult", "discover_positional", "check_progress", "clear_progress", "discover", "discover_on_rank",
            "run", "write_outputs"]

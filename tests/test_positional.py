@@ -328,3 +328,42 @@ def test_positional_svg_has_token_columns_escaped(tmp_path) -> None:
     assert xs == sorted(xs)  # columns in token order
     assert result.n_edges == pc.n_edges
     assert 'id="cc_n2_p2"' in svg  # a0.h1 (sender 2) at position 2
+
+
+# ----------------------------------------------------------------------------- pipeline and CLI
+
+
+def test_discover_positional_writes_a_positional_circuit(tiny_dir, tmp_path) -> None:
+    from circuits.pipeline import DiscoveryError, DiscoverySettings, PositionalDiscoveryResult, discover, run
+    from graphs.io import load_positional_circuit
+
+    base = {"model": str(tiny_dir), "task": "ioi", "n_prompts": 8, "batch_size": 4, "positional": True}
+    with pytest.raises(AlignmentError, match="prompt"):
+        discover(DiscoverySettings(**base, method="eap", edges=20))
+    result, paths = run(DiscoverySettings(**base, method="eap", edges=20, aligned_subset=True), tmp_path / "run")
+    assert isinstance(result, PositionalDiscoveryResult)
+    assert result.circuit.n_edges == 20 and result.summary()["positional"]
+    loaded = load_positional_circuit(paths["circuit"])
+    assert torch.equal(loaded.in_circuit, result.circuit.in_circuit) and loaded.tokens == result.scores.tokens
+    assert loaded.provenance["faithfulness"] == pytest.approx(result.faithfulness.value)
+    assert paths["svg"].read_text().startswith("<?xml")
+    target = discover(DiscoverySettings(**base, method="eap-ig", steps=2, target_faithfulness=0.8, aligned_subset=True))
+    assert target.faithfulness.value >= 0.8
+    for name in ("cdt", "acdc", "atp*", "path-patching"):
+        with pytest.raises(DiscoveryError, match="--positional supports eap, eap-ig, edge-patching"):
+            DiscoverySettings(**base, method=name)
+
+
+def test_cli_discover_positional(tiny_dir, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from cli.main import cli
+
+    out = tmp_path / "cli"
+    args = ["discover", "--model", str(tiny_dir), "--positional", "--aligned-subset", "--method", "edge-patching",
+            "--edges", "10", "--n-prompts", "4", "--batch-size", "4", "--out", str(out)]
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert "read position" in result.output and (out / "circuit.json").exists()
+    bad = CliRunner().invoke(cli, [*args[:-2], "--method", "cdt", "--out", str(tmp_path / "bad")])
+    assert bad.exit_code != 0 and "--positional supports" in bad.output

@@ -39,6 +39,10 @@ METRICS = ("logit_diff", "prob_diff", "logprob", "kl")
 @click.option("--tau", type=click.FloatRange(min=0), default=0.01, show_default=True, help="ACDC threshold.")
 @click.option("--k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Path-patching search: senders kept per slot.")
+@click.option("--positional", is_flag=True,
+              help="Token-position circuit (eap, eap-ig, edge-patching): nodes a3.h7@12; see docs/positions.md.")
+@click.option("--aligned-subset", is_flag=True,
+              help="With --positional: keep the largest group of prompts sharing one token alignment.")
 @click.option("--no-curve", is_flag=True, help="Skip the faithfulness curve (saves time).")
 @click.option("--no-svg", is_flag=True, help="Do not render circuit.svg.")
 @click.option("--out", "-o", "out_dir", type=click.Path(file_okay=False), default="runs/discover", show_default=True)
@@ -69,6 +73,7 @@ def discover(out_dir: str, no_curve: bool, no_svg: bool, as_json: bool, resume: 
       circuits discover --config run.toml --n-prompts 64    # flags override the file
       circuits discover --method edge-patching --edges 200 --out runs/ep --resume   # after a crash
       torchrun --nproc_per_node 2 -m cli.main discover --distributed --method eap --out runs/dp
+      circuits discover --positional --method eap --aligned-subset --edges 300 --out runs/pos
     """
     from circuits import distributed as dp
     from circuits.pipeline import DiscoverySettings, check_progress, run
@@ -94,6 +99,14 @@ def discover(out_dir: str, no_curve: bool, no_svg: bool, as_json: bool, resume: 
         return
     click.echo(f"{result.settings.method} on {result.settings.task if result.settings.task_file is None else result.settings.task_file}"
                f" ({result.circuit.provenance.get('model')}, {result.circuit.provenance.get('n_prompts')} prompts)")
+    if summary.get("positional"):
+        click.echo(f"circuit      {result.circuit.describe()}")
+        click.echo(f"heads        {summary['heads']} head-position nodes, {summary['heads_at_read_position']} at the "
+                   f"read position {summary['read_position']}")
+        click.echo(f"faithfulness {summary['faithfulness']:.3f}")
+        for path in summary["files"].values():
+            click.echo(f"wrote        {path}")
+        return
     click.echo(f"circuit      {summary['edges']} edges ({100 * summary['edge_fraction']:.2f}% of "
                f"{result.circuit.graph.n_edges}), {summary['nodes']} nodes: {summary['heads']} heads, {summary['mlps']} MLPs")
     click.echo(f"faithfulness {summary['faithfulness']:.3f}   (random circuit of the same size: "
