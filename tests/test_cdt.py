@@ -466,3 +466,124 @@ def test_bad_requests_are_refused() -> None:
         CDTConfig(attention="soft")  # type: ignore[arg-type]
     with pytest.raises(CDTError):
         Point(0, "logits")  # type: ignore[arg-type]
+
+
+# --------------------------------------------------------------------------- positional edge scores
+
+
+def _aligned_exp(spec: ModelSpec, n: int = 4, length: int = 6, batch_size: int = 2, ablation: str = "corrupted") -> Experiment:
+    from tests.test_positional import aligned_task
+
+    return Experiment(spec, aligned_task(n=n, length=length), "logit_diff", ablation=ablation, batch_size=batch_size)
+
+
+def _relative(a: Tensor, b: Tensor) -> float:
+    """max |a - b| / max |b|."""
+    return float((a.double() - b.double()).abs().max() / b.double().abs().max())
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "gemma2", "neox-parallel"])
+@pytest.mark.parametrize("mode", ["projected", "exact"])
+def test_positional_edge_scores_sum_to_the_edge_scores(name: str, mode: str) -> None:
+    """Summed over positions, positional CD-T is the non-positional CD-T (both modes, default
+    'bound' normalisation, random biases split): the prefix split telescopes."""
+    from circuits.methods.cdt import positional_cdt_edge_scores
+
+    spec = _randomise_biases(_tiny_spec(name))
+    exp = _aligned_exp(spec)
+    pos = positional_cdt_edge_scores(exp, mode)
+    plain = cdt_edge_scores(exp, mode)
+    assert pos.values.shape == (*plain.values.shape, 6) and pos.method == f"cdt/{mode}"
+    assert pos.settings["positional"] is True and pos.settings["read_position"] == 5
+    assert _relative(pos.summed().values, plain.values) < 1e-5
+    assert float(pos.values[:, :, :5].abs().max()) > 1e-4  # earlier tokens carry part of it
+    g = spec.graph
+    assert bool((pos.values[:, g.logits_receiver, :5] == 0).all())  # logits are read at the last token only
+
+
+def test_positional_edge_scores_leave_positions_after_the_read_position_at_zero() -> None:
+    from circuits.methods.cdt import positional_cdt_edge_scores
+    from tests.test_positional import aligned_task
+
+    task = aligned_task(n=3, length=6)
+    task = dataclasses.replace(task, read_positions=torch.full((3,), 3))
+    exp = Experiment(_tiny_spec("gpt2"), task, "logit_diff", batch_size=3)
+    pos = positional_cdt_edge_scores(exp)
+    assert bool((pos.values[:, :, 4:] == 0).all()) and float(pos.values[:, :, :4].abs().max()) > 1e-4
+    assert _relative(pos.summed().values, cdt_edge_scores(exp).values) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["gpt2-mini", "llama-mqa", "gemma3"])
+def test_linear_model_positional_exact_scores_equal_positional_edge_patching(name: str) -> None:
+    """On the linear network (the oracle of the non-positional exact mode), positional CD-T is
+    exactly positional edge patching, m(clean, u@t -> r@t ablated) - m(clean), at every position."""
+    from circuits.methods.cdt import positional_cdt_edge_scores
+    from circuits.methods.patching import positional_edge_patching
+
+    spec = _linearise(_tiny_spec(name))
+    exp = _aligned_exp(spec, n=3, length=5, batch_size=3)
+    cdt = positional_cdt_edge_scores(exp, "exact", config=LINEAR)
+    patched = positional_edge_patching(exp, max_rows=512)
+    assert float(patched.values.abs().max()) > 1e-2
+    torch.testing.assert_close(cdt.values.double(), patched.values.double(), atol=1e-5, rtol=0)
+
+
+def test_positional_scores_chunked_and_batched_equal_all_at_once() -> None:
+    """Prompts batched or one at a time, (sender, prefix) pairs all in one pass or one per pass
+    (max_floats=1 chunks the positions too): the same scores."""
+    from circuits.methods.cdt import positional_cdt_edge_scores
+
+    spec = _randomise_biases(_tiny_spec("qwen2-bias"))
+    for mode in ("projected", "exact"):
+        big = positional_cdt_edge_scores(_aligned_exp(spec, n=4, batch_size=4), mode)
+        small = positional_cdt_edge_scores(_aligned_exp(spec, n=4, batch_size=1), mode, config=CDTConfig(max_floats=1))
+        torch.testing.assert_close(big.values, small.values, atol=1e-5, rtol=1e-4)
+
+
+def test_slot_prefixes_equal_masked_sources_and_q_v_split_by_position() -> None:
+    """decompose_attention_slot_prefixes(X, ends) is decompose_attention_slots(X at positions <= e)
+    for every end e; for the q and v slots the increment between prefixes is the slot output of X at
+    that one position alone (so projected positional q / v scores are the token's own part)."""
+    from circuits.methods.cdt.layers import (
+        decompose_attention_slot_prefixes,
+        decompose_attention_slots,
+    )
+    from circuits.methods.cdt.positional import prefix_chunks, telescope
+
+    assert list(prefix_chunks(3, 4, 8)) == [(0, 2, 0, 4), (2, 3, 0, 4)]
+    assert list(prefix_chunks(2, 5, 2)) == [(0, 1, 0, 2), (0, 1, 2, 4), (0, 1, 4, 5), (1, 2, 0, 2), (1, 2, 2, 4), (1, 2, 4, 5)]
+    torch.testing.assert_close(telescope(torch.tensor([[1.0, 3.0, 6.0]]), torch.tensor([0.5])), torch.tensor([[0.5, 2.0, 3.0]]))
+    spec = _randomise_biases(_tiny_spec("llama-gqa", torch.float64))
+    ids, T = random_ids(2, 5, 3), 5
+    from circuits.methods.cdt.forward import BatchState
+
+    state = BatchState.build(spec, ids, rt.corrupted_values(spec, random_ids(2, 5, 4)))
+    lay, layer = spec.layers[1], 1
+    X = state.delta(slice(0, 3)).permute(2, 0, 1, 3)  # [3, P, T, d]: three senders' relevant outputs
+    config = CDTConfig()
+    got = decompose_attention_slot_prefixes(lay.attn, lay.attn_norm, state.resid[layer], X, state.rotary[layer], config, range(T))
+    positions = torch.arange(T)
+    for e in range(T):
+        masked = X * (positions <= e).to(X.dtype)[None, None, :, None]
+        ref = decompose_attention_slots(lay.attn, lay.attn_norm, state.resid[layer], masked, state.rotary[layer], config)
+        one = X * (positions == e).to(X.dtype)[None, None, :, None]
+        alone = decompose_attention_slots(lay.attn, lay.attn_norm, state.resid[layer], one, state.rotary[layer], config)
+        for slot in ("q", "k", "v"):
+            z = got[slot].view(3, T, *got[slot].shape[1:])  # type: ignore[union-attr]
+            torch.testing.assert_close(z[:, e], ref[slot], atol=1e-10, rtol=0)
+            if slot != "k":
+                step = z[:, e] - (z[:, e - 1] if e > 0 else 0)
+                torch.testing.assert_close(step, alone[slot], atol=1e-10, rtol=0)
+        z_k = got["k"].view(3, T, *got["k"].shape[1:])  # type: ignore[union-attr]
+        if e == T - 1:  # keys share one softmax: the last increment is not the last key alone
+            assert float((z_k[:, e] - z_k[:, e - 1] - alone["k"]).abs().max()) > 1e-8
+
+
+def test_positional_cdt_refuses_misaligned_prompts_and_bad_modes() -> None:
+    from circuits.methods.cdt import positional_cdt_edge_scores
+    from circuits.positional import AlignmentError
+
+    with pytest.raises(AlignmentError, match="prompt 1"):
+        positional_cdt_edge_scores(_exp(_tiny_spec("gpt2"), n=4))
+    with pytest.raises(CDTError, match="mode"):
+        positional_cdt_edge_scores(_aligned_exp(_tiny_spec("gpt2")), "dot")  # type: ignore[arg-type]

@@ -3,8 +3,8 @@
 Modules, one job each: ``rules`` (how one operation splits relevance), ``layers`` (decomposed
 attention and MLP), ``forward`` (the decomposed pass over a ``ModelSpec``), ``sources`` (which nodes
 are relevant, per pass), ``readout`` (final norm, unembedding, metric), ``contributions`` (source ->
-target contributions over an experiment), ``edges`` (scores for every edge), ``search`` (circuit
-discovery).
+target contributions over an experiment), ``edges`` (scores for every edge), ``positional`` (edge
+scores per token position), ``search`` (circuit discovery).
 """
 
 from circuits.methods.cdt.contributions import (
@@ -18,6 +18,11 @@ from circuits.methods.cdt.edges import (
     cdt_edge_scores,
 )
 from circuits.methods.cdt.forward import PassResult, Point
+from circuits.methods.cdt.positional import (
+    PositionalEdgeContributions,
+    positional_cdt_edge_contributions,
+    positional_cdt_edge_scores,
+)
 from circuits.methods.cdt.rules import CDTConfig, CDTError
 from circuits.methods.cdt.search import CDTResult, Round, cdt_circuit
 from circuits.methods.cdt.sources import Source
@@ -29,6 +34,7 @@ __all__ = [
     "EdgeContributions",
     "PassResult",
     "Point",
+    "PositionalEdgeContributions",
     "Round",
     "Source",
     "cdt_circuit",
@@ -37,4 +43,6 @@ __all__ = [
     "cdt_edge_scores",
     "cdt_node_scores",
     "decompose",
+    "positional_cdt_edge_contributions",
+    "positional_cdt_edge_scores",
 ]

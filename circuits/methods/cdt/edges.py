@@ -54,7 +54,7 @@ from circuits.methods.cdt.rules import CDTConfig, CDTError
 from circuits.methods.cdt.sources import resolve_all
 from circuits.progress import progress_bar
 from graphs.adapters.spec import ModelSpec
-from graphs.graph import SLOTS
+from graphs.graph import SLOTS, ComputationGraph
 from graphs.scores import EdgeScores, NodeScores
 
 Mode = Literal["projected", "exact"]
@@ -226,21 +226,33 @@ def cdt_edge_contributions(
     N = red.count(experiment.n_prompts)
     acc.R, acc.norms, acc.node = red.sum(acc.R), red.sum(acc.norms), red.sum(acc.node)
     node = acc.node / N  # [S]
+    kappa = combine(g, mode, acc.R, acc.norms, node, N)
+    return EdgeContributions(kappa.float(), node.float(), mode)
+
+
+def combine(g: ComputationGraph, mode: str, R: Tensor, norms: Tensor, node: Tensor, N: int) -> Tensor:
+    """Edge contributions from the summed batch results: ``R`` [S, R, ...] (any trailing axes, e.g.
+    positions), ``norms`` [S] (sum of ``|delta_v|^2``), ``node`` [S] (``kappa(v)``, dataset means).
+
+    ``exact``: ``R / N``. ``projected``: ``R[u, r] * kappa(v) / |delta_v|^2`` with ``v`` the receiver's
+    node (0 where ``delta_v = 0``); the logits column is the direct readout, ``R / N``. Linear in
+    ``R``, so a split of ``R`` over positions gives contributions that sum to the unsplit ones."""
+    extra = (None,) * (R.dim() - 2)
     if mode == "exact":
-        kappa = acc.R / N
+        kappa = R / N
     else:
         owner = _receiver_owner(g)  # [R] sender index of each receiver's node (-1: logits)
         scale = torch.zeros(g.n_receivers, dtype=torch.float64)
         has = owner >= 0
-        norms = acc.norms[owner[has]]
-        scale[has] = torch.where(norms > 0, node[owner[has]] / norms.clamp_min(1e-300), 0.0)
-        kappa = acc.R * scale[None, :]
-        kappa[:, g.logits_receiver] = acc.R[:, g.logits_receiver] / N
-    kappa = torch.where(g.edge_mask, kappa, 0.0)
-    return EdgeContributions(kappa.float(), node.float(), mode)
+        own = norms[owner[has]]
+        scale[has] = torch.where(own > 0, node[owner[has]] / own.clamp_min(1e-300), 0.0)
+        kappa = R * scale[(None, slice(None), *extra)]
+        kappa[:, g.logits_receiver] = R[:, g.logits_receiver] / N
+    return torch.where(g.edge_mask[(..., *extra)], kappa, 0.0)
 
 
-def _receiver_owner(g) -> Tensor:  # type: ignore[no-untyped-def]
+def _receiver_owner(g: ComputationGraph) -> Tensor:
+    """[R] sender index of each receiver's node (-1: the logits receiver)."""
     owner = torch.full((g.n_receivers,), -1, dtype=torch.long)
     for layer in range(g.n_layers):
         for h in range(g.n_heads):

@@ -25,6 +25,7 @@ Per-head outputs are ``z_h W_O[h]``; ``b_O`` is a constant of the graph and alwa
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -227,6 +228,46 @@ def decompose_attention_slots(
         out["q"] = _mix(spec, t, _query_part(spec, t, xn_b, rotary, rule), None, None)
         out["k"] = _mix(spec, t, None, _key_part(spec, t, xn_b, rotary, rule), None)
     out["v"] = _mix(spec, t, None, None, _value_part(spec, t, xn_b, rule))
+    out["total"] = t.z
+    return out
+
+
+def decompose_attention_slot_prefixes(
+    spec: AttentionSpec,
+    norm: NormSpec,
+    total: Tensor,
+    beta: Tensor,
+    rotary: tuple[Tensor, Tensor] | None,
+    config: CDTConfig,
+    ends: Sequence[int],
+) -> dict[str, Tensor | None]:
+    """``decompose_attention_slots`` with the relevance ``beta`` [S, P, T, d] restricted to the
+    positions ``<= e`` for every prefix end ``e`` in ``ends`` (E of them), one slot at a time:
+    ``{"q" | "k" | "v": z_beta [S*E, P, T, H, dh] (source-major: row s*E + i is source s, prefix
+    ends[i]) or None, "total": z_total [P, T, H, dh]}``.
+
+    Used by positional CD-T edge scores, which split an edge's contribution over token positions by
+    prefixes (``circuits.methods.cdt.positional``). Why it is cheap: the relevant q / k / v of a
+    position depend only on ``beta`` at that position (norm, projection with the bias split - zero
+    relevance gives a zero share - per-head norm and rotary all act per position), so they are
+    computed once and masked. A query at position t only moves row t of the head's output, so the
+    q slot's prefix outputs are the full output with later rows zeroed; values enter linearly
+    (``A v_beta``); only keys need one softmax per prefix."""
+    t = _totals(spec, norm, total, rotary, None)
+    rule = config.bias
+    T = total.shape[1]
+    xn_b = rules.norm(norm, beta, total, rule)
+    ends_t = torch.as_tensor(list(ends), device=total.device)
+    keep = (torch.arange(T, device=total.device)[None, :] <= ends_t[:, None]).to(total.dtype)  # [E, T]
+
+    def prefixes(part: Tensor) -> Tensor:  # [S, P, T, H, dh] -> [S*E, P, T, H, dh], positions > end zeroed
+        return (part[:, None] * keep[None, :, None, :, None, None]).flatten(0, 1)
+
+    out: dict[str, Tensor | None] = {"q": None, "k": None}
+    if config.attention == "decomposed":
+        out["q"] = prefixes(_mix(spec, t, _query_part(spec, t, xn_b, rotary, rule), None, None))  # type: ignore[arg-type]
+        out["k"] = _mix(spec, t, None, prefixes(_key_part(spec, t, xn_b, rotary, rule)), None)
+    out["v"] = _mix(spec, t, None, None, prefixes(_value_part(spec, t, xn_b, rule)))
     out["total"] = t.z
     return out
 
