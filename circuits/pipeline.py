@@ -45,7 +45,7 @@ from circuits.evaluate import (
     reference_metrics,
 )
 from circuits.experiment import Experiment
-from circuits.methods.registry import RESUMABLE, SHARDED, MethodOutput, method
+from circuits.methods.registry import POSITIONAL, RESUMABLE, SHARDED, MethodOutput, method
 from circuits.metrics import make_metric
 from circuits.prune import MinimalCircuit, minimal_circuit, remove_dangling, select, threshold
 from circuits.tasks import load_task_file, make_task
@@ -63,7 +63,7 @@ class DiscoveryError(ValueError):
     """The discovery settings are inconsistent (e.g. two selection rules at once)."""
 
 
-POSITIONAL_METHODS = ("eap", "eap-ig", "edge-patching")
+POSITIONAL_METHODS = POSITIONAL  # methods with a token-position variant (the registry says which)
 LIMITS = {"n_prompts": 10**7, "steps": 10**5, "random_samples": 10**5, "k": 10**6}
 
 
@@ -88,7 +88,7 @@ class DiscoverySettings:
     k: int = 5  # path-patching search
     random_samples: int = 5
     curve: bool = True
-    positional: bool = False  # token-position circuit (eap, eap-ig, edge-patching; docs/positions.md)
+    positional: bool = False  # token-position circuit (eap, eap-ig, edge-patching, cdt; docs/positions.md)
     aligned_subset: bool = False  # positional: keep the largest group of prompts sharing one alignment
 
     def __post_init__(self) -> None:
@@ -560,15 +560,11 @@ class PositionalDiscoveryResult:
 
 def _positional_scores(settings: DiscoverySettings, experiment: Experiment, tokenizer: Any, progress: bool
                        ) -> PositionalEdgeScores:
-    from circuits.methods.eap import positional_eap, positional_eap_ig
-    from circuits.methods.patching import positional_edge_patching
-
-    if settings.method == "eap":
-        return positional_eap(experiment, tokenizer=tokenizer, progress=progress)
-    if settings.method == "eap-ig":
-        return positional_eap_ig(experiment, steps=settings.steps, variant=settings.ig_variant, tokenizer=tokenizer,
-                                 progress=progress)
-    return positional_edge_patching(experiment, tokenizer=tokenizer, progress=progress)
+    """The method's token-position scores (``MethodInfo.run_positional`` of the registry)."""
+    run = method(settings.method).run_positional
+    if run is None:  # settings refuse this earlier; kept for callers that build settings by hand
+        raise DiscoveryError(f"{settings.method} has no token-position variant (docs/positions.md)")
+    return run(experiment, progress, steps=settings.steps, ig_variant=settings.ig_variant, tokenizer=tokenizer)
 
 
 def positional_minimal_circuit(

@@ -349,9 +349,12 @@ def test_discover_positional_writes_a_positional_circuit(tiny_dir, tmp_path) -> 
     assert paths["svg"].read_text().startswith("<?xml")
     target = discover(DiscoverySettings(**base, method="eap-ig", steps=2, target_faithfulness=0.8, aligned_subset=True))
     assert target.faithfulness.value >= 0.8
-    for name in ("cdt", "acdc", "atp*", "path-patching"):
-        with pytest.raises(DiscoveryError, match="--positional supports eap, eap-ig, edge-patching"):
+    for name in ("acdc", "atp*", "path-patching"):
+        with pytest.raises(DiscoveryError, match="--positional supports edge-patching, eap, eap-ig, cdt"):
             DiscoverySettings(**base, method=name)
+    cdt = discover(DiscoverySettings(**base, method="cdt", edges=15, aligned_subset=True))
+    assert isinstance(cdt, PositionalDiscoveryResult) and cdt.scores.method == "cdt/projected"
+    assert cdt.circuit.n_edges == 15 and cdt.circuit.provenance["method"] == "cdt"
 
 
 def test_cli_discover_positional(tiny_dir, tmp_path) -> None:
@@ -365,5 +368,8 @@ def test_cli_discover_positional(tiny_dir, tmp_path) -> None:
     result = CliRunner().invoke(cli, args)
     assert result.exit_code == 0, result.output
     assert "read position" in result.output and (out / "circuit.json").exists()
-    bad = CliRunner().invoke(cli, [*args[:-2], "--method", "cdt", "--out", str(tmp_path / "bad")])
+    cdt = CliRunner().invoke(cli, [*args[:-2], "--method", "cdt", "--out", str(tmp_path / "cdt")])
+    assert cdt.exit_code == 0, cdt.output
+    assert "read position" in cdt.output and (tmp_path / "cdt" / "circuit.json").exists()
+    bad = CliRunner().invoke(cli, [*args[:-2], "--method", "acdc", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "--positional supports" in bad.output

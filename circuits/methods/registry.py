@@ -3,6 +3,10 @@
 ACDC is different in kind: it selects the circuit itself (threshold ``tau``); its scores are the
 metric drops it measured, so the usual selection rules still apply to them if asked.
 
+Methods with a token-position variant (docs/positions.md) also name it: ``MethodInfo.run_positional``
+turns an ``Experiment`` whose prompts share one alignment into ``PositionalEdgeScores`` [S, R, T]
+(``POSITIONAL``: their names, for ``circuits discover --positional``).
+
 ``checkpoint=`` (a ``circuits.checkpoint.Checkpointer``) is passed to the methods that can resume
 (``RESUMABLE``: all but CD-T); ``SHARDED`` names the methods that all-reduce their partial sums when the experiment
 is a distributed shard (``circuits.distributed``).
@@ -17,6 +21,7 @@ from typing import Any
 
 from circuits.experiment import Experiment
 from graphs.circuit import Circuit
+from graphs.positional import PositionalEdgeScores
 from graphs.scores import EdgeScores
 
 SHARDED = frozenset({"edge-patching", "path-patching", "acdc", "eap", "eap-ig", "atp*", "cdt"})
@@ -41,6 +46,7 @@ class MethodInfo:
     default_metric: str
     run: Callable[..., MethodOutput]
     computes: str  # what the scores are, for --help and docs
+    run_positional: Callable[..., PositionalEdgeScores] | None = None  # token-position variant, if any
 
 
 def _edge_patching(exp: Experiment, progress: bool, checkpoint: Any = None, **_: Any) -> MethodOutput:
@@ -90,27 +96,56 @@ def _cdt(exp: Experiment, progress: bool, **_: Any) -> MethodOutput:
     return MethodOutput(cdt.cdt_edge_scores(exp, progress=progress))
 
 
+def _positional_eap(exp: Experiment, progress: bool, tokenizer: Any = None, **_: Any) -> PositionalEdgeScores:
+    from circuits.methods.eap import positional_eap
+
+    return positional_eap(exp, tokenizer=tokenizer, progress=progress)
+
+
+def _positional_eap_ig(
+    exp: Experiment, progress: bool, steps: int = 5, ig_variant: str = "inputs", tokenizer: Any = None, **_: Any
+) -> PositionalEdgeScores:
+    from circuits.methods.eap import positional_eap_ig
+
+    return positional_eap_ig(exp, steps=steps, variant=ig_variant, tokenizer=tokenizer, progress=progress)
+
+
+def _positional_edge_patching(exp: Experiment, progress: bool, tokenizer: Any = None, **_: Any) -> PositionalEdgeScores:
+    from circuits.methods.patching import positional_edge_patching
+
+    return positional_edge_patching(exp, tokenizer=tokenizer, progress=progress)
+
+
+def _positional_cdt(exp: Experiment, progress: bool, tokenizer: Any = None, **_: Any) -> PositionalEdgeScores:
+    from circuits.methods.cdt import positional_cdt_edge_scores
+
+    return positional_cdt_edge_scores(exp, tokenizer=tokenizer, progress=progress)
+
+
 METHODS: MappingProxyType[str, MethodInfo] = MappingProxyType(
     {
         m.name: m
         for m in (
             MethodInfo("edge-patching", "exact single-edge ablation of every edge", "logit_diff", _edge_patching,
-                       "m(clean, edge ablated) - m(clean)"),
+                       "m(clean, edge ablated) - m(clean)", _positional_edge_patching),
             MethodInfo("path-patching", "Wang et al. path patching, searched back from the logits", "logit_diff",
                        _path_patching, "path-patching effect of each sender on each expanded receiver slot"),
             MethodInfo("acdc", "ACDC greedy edge removal (threshold tau, KL by default)", "kl", _acdc,
                        "metric change when ACDC tried removing the edge"),
             MethodInfo("eap", "edge attribution patching (one gradient)", "logit_diff", _eap,
-                       "(A_u - a_u) . dm/d in_r"),
+                       "(A_u - a_u) . dm/d in_r", _positional_eap),
             MethodInfo("eap-ig", "EAP with integrated gradients (inputs by default)", "logit_diff", _eap_ig,
-                       "(A_u - a_u) . dm/d in_r averaged over interpolations"),
+                       "(A_u - a_u) . dm/d in_r averaged over interpolations", _positional_eap_ig),
             MethodInfo("atp*", "AtP*: EAP with the QK fix and GradDrop", "logit_diff", _atp_star,
                        "EAP with exact attention patterns for q/k edges, GradDrop magnitudes"),
             MethodInfo("cdt", "contextual decomposition for transformers", "logit_diff", _cdt,
-                       "relevant part of the metric contributed through each edge"),
+                       "relevant part of the metric contributed through each edge", _positional_cdt),
         )
     }
 )
+
+
+POSITIONAL = tuple(name for name, info in METHODS.items() if info.run_positional is not None)
 
 
 def method(name: str) -> MethodInfo:

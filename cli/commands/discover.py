@@ -40,7 +40,7 @@ METRICS = ("logit_diff", "prob_diff", "logprob", "kl")
 @click.option("--k", type=click.IntRange(min=1), default=5, show_default=True,
               help="Path-patching search: senders kept per slot.")
 @click.option("--positional", is_flag=True,
-              help="Token-position circuit (eap, eap-ig, edge-patching): nodes a3.h7@12; see docs/positions.md.")
+              help="Token-position circuit (eap, eap-ig, edge-patching, cdt): nodes a3.h7@12; see docs/positions.md.")
 @click.option("--aligned-subset", is_flag=True,
               help="With --positional: keep the largest group of prompts sharing one token alignment.")
 @click.option("--no-curve", is_flag=True, help="Skip the faithfulness curve (saves time).")
