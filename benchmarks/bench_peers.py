@@ -1,0 +1,221 @@
+"""Our EAP (and ACDC) against auto-circuit's, on the same model and the same prompts.
+
+    python benchmarks/bench_peers.py [--model gpt2-random|smollm2|both] [--prompts 16] [--batch 8]
+                                     [--repeats 1] [--acdc] [--acdc-prompts 4] [--acdc-tau 1e-4]
+                                     [--workdir DIR]
+
+1. Sets up the peers' own virtual environment (``benchmarks/.peers-venv``, gitignored; torch 2.13.0
+   first, then auto-circuit 1.0.1, TransformerLens 2.18.0, pyarrow 21.0.0, attrs), once.
+2. Writes the model folders (a seeded random-weight GPT-2, or the cached SmolLM2-135M) and one data
+   file of equal-length IOI prompts (same clean / corrupted token ids, answers and wrong answers for
+   both sides; the metric is the logit difference averaged over prompts, read at the last position).
+3. Runs each side in a fresh child process - ours in this interpreter, auto-circuit in the peers
+   venv - timing only the scoring call and reading the child's peak RSS (``ru_maxrss``). Each side
+   writes its scores keyed by our edge ids (``benchmarks/peers/scorefile.py``).
+4. Compares: edges each graph lacks, the fitted factor between the scores (auto-circuit's are
+   ``-n_batches`` x ours by construction), max relative difference after alignment, Pearson /
+   Spearman, top-100 overlap; time and peak-RSS ratios theirs / ours.
+5. With ``--acdc`` (``gpt2-random`` only): ACDC at one threshold with the KL metric on one batch of
+   ``--acdc-prompts`` prompts on both sides (auto-circuit's ACDC uses the first batch of its loader
+   only, and runs one forward pass per edge: about 25 minutes for 16 prompts on a busy 2-core
+   machine): time ratio and circuit overlap.
+
+Results are merged into ``benchmarks/results/peers.json`` (one entry per model) and printed.
+With ``--repeats n`` every child runs n times, alternating sides; medians are reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.peers import compare, data, venv
+from benchmarks.peers.scorefile import read_scores
+
+RESULTS = ROOT / "benchmarks" / "results" / "peers.json"
+PEERS_DIR = ROOT / "benchmarks" / "peers"
+SIDES = ("ours", "auto-circuit")
+
+
+def default_workdir() -> Path:
+    """Models, data and score files live under the user cache (``.../causal-circuits/peers``)."""
+    from graphs.alias_cache import cache_dir
+
+    return cache_dir() / "peers"
+
+
+def run_side(side: str, peers_python: Path, args: list[str]) -> dict[str, Any]:
+    """One child process of ``side``; returns the JSON line it printed last."""
+    if side == "ours":
+        cmd = [sys.executable, str(PEERS_DIR / "run_ours.py"), *args]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    else:
+        cmd = [str(peers_python), str(PEERS_DIR / "run_autocircuit.py"), *args]
+        env = {**os.environ, "PYTHONPATH": ""}
+    start = time.perf_counter()
+    out = subprocess.run(cmd, check=False, capture_output=True, text=True, env=env)
+    if out.returncode != 0:
+        raise RuntimeError(f"{side} child failed ({' '.join(cmd)}):\n{out.stderr[-4000:]}")
+    record = json.loads(out.stdout.strip().splitlines()[-1])
+    record["process_seconds"] = time.perf_counter() - start
+    return record
+
+
+def run_pair(method: str, folder: Path, data_file: Path, batch: int, repeats: int, peers_python: Path,
+             scores_dir: Path, stem: str, tau: float | None = None,
+             reference: Path | None = None) -> dict[str, dict[str, Any]]:
+    """Both sides ``repeats`` times, alternating; median seconds and peak RSS per side."""
+    runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
+    for _ in range(repeats):
+        for side in SIDES:
+            out = scores_dir / f"{stem}-{method}-{side}.safetensors"
+            args = ["--folder", str(folder), "--data", str(data_file), "--out", str(out), "--method", method,
+                    "--batch", str(batch)]
+            if tau is not None:
+                args += ["--tau", repr(tau)]
+            if side == "ours" and method == "acdc":
+                args += ["--metric", "kl"]
+            if side != "ours" and reference is not None:
+                args += ["--reference", str(reference)]
+            print(f"  {method} {side} ...", end=" ", flush=True)
+            record = run_side(side, peers_python, args)
+            record["scores_file"] = str(out)
+            print(f"{record['seconds']:.2f} s, peak RSS {record['peak_rss_mb']:.0f} MB", flush=True)
+            runs[side].append(record)
+    summary: dict[str, dict[str, Any]] = {}
+    for side, records in runs.items():
+        summary[side] = {
+            **records[-1],
+            "seconds": statistics.median(r["seconds"] for r in records),
+            "seconds_all": [r["seconds"] for r in records],
+            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in records),
+            "rss_before_call_mb": statistics.median(r["rss_before_call_mb"] for r in records),
+        }
+    return summary
+
+
+def ratios(sides: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """theirs / ours for time, whole-process peak RSS and the RSS added during the call."""
+    o, t = sides["ours"], sides["auto-circuit"]
+    added = lambda r: max(r["peak_rss_mb"] - r["rss_before_call_mb"], 1e-9)
+    return {
+        "time": t["seconds"] / o["seconds"],
+        "peak_rss": t["peak_rss_mb"] / o["peak_rss_mb"],
+        "rss_added_by_call": added(t) / added(o),
+    }
+
+
+def bench_model(name: str, args: argparse.Namespace, peers_python: Path) -> dict[str, Any]:
+    """Everything for one model: data, EAP on both sides (and ACDC on the small model)."""
+    workdir: Path = args.workdir
+    folder = data.model_folder(name, workdir)
+    data_file = workdir / "data" / f"{name}-ioi-n{args.prompts}-s{args.seed}.safetensors"
+    info = data.write_ioi_data(folder, args.prompts, data_file, seed=args.seed)
+    n_batches = -(-args.prompts // args.batch)
+    print(f"{name}: {data.MODELS[name]}\n  {args.prompts} IOI prompts x {info['tokens_per_prompt']} tokens,"
+          f" batches of {args.batch}", flush=True)
+    record: dict[str, Any] = {
+        "model": data.MODELS[name], "folder": str(folder), "data": info, "data_file": str(data_file),
+        "prompts": args.prompts, "batch": args.batch, "repeats": args.repeats,
+        "metric": "logit difference (answer - wrong), mean over prompts, read at the last position",
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": os.getloadavg(),
+    }
+    scores_dir = workdir / "scores"
+    reference = data.write_reference_logits(folder, data_file, workdir / "data" / f"{name}-reference-logits.safetensors")
+    eap = run_pair("eap", folder, data_file, args.batch, args.repeats, peers_python, scores_dir, name,
+                   reference=reference)
+    ours, _, _ = read_scores(Path(eap["ours"]["scores_file"]))
+    theirs, _, _ = read_scores(Path(eap["auto-circuit"]["scores_file"]))
+    record["eap"] = {"runs": eap, "agreement": compare.eap_agreement(ours, theirs, n_batches), "ratios": ratios(eap)}
+    check = eap["auto-circuit"].get("tl_vs_project_hf_max_abs_logit_diff")
+    if check is None or check > 1e-3:
+        print(f"  WARNING: the TransformerLens model differs from the HF model by {check} in the logits", flush=True)
+    if name == "gpt2-random" and args.acdc:
+        # auto-circuit's ACDC uses only the first batch: give both sides one batch of all its prompts
+        acdc_file = workdir / "data" / f"{name}-ioi-n{args.acdc_prompts}-s{args.seed}.safetensors"
+        acdc_info = data.write_ioi_data(folder, args.acdc_prompts, acdc_file, seed=args.seed)
+        acdc = run_pair("acdc", folder, acdc_file, args.acdc_prompts, args.repeats, peers_python, scores_dir,
+                        name, tau=args.acdc_tau)
+        ours_s, kept_o, _ = read_scores(Path(acdc["ours"]["scores_file"]))
+        theirs_s, kept_t, _ = read_scores(Path(acdc["auto-circuit"]["scores_file"]))
+        record["acdc"] = {
+            "tau": args.acdc_tau, "metric": "KL(full || circuit), mean over prompts", "data": acdc_info,
+            "prompts": args.acdc_prompts,
+            "runs": acdc, "agreement": compare.circuit_agreement(ours_s, theirs_s, kept_o or set(), kept_t or set()),
+            "ratios": ratios(acdc),
+        }
+    return record
+
+
+def print_table(results: dict[str, Any], models: list[str]) -> None:
+    """A compact table of agreement and ratios per model."""
+    print()
+    head = f"{'model':12s} {'edges o/t/common':>22s} {'factor':>8s} {'max rel diff':>12s} {'top100':>6s}" \
+           f" {'t ours':>8s} {'t theirs':>8s} {'t ratio':>7s} {'RSS ours':>9s} {'RSS theirs':>10s} {'RSS ratio':>9s}"
+    print("EAP: ours vs auto-circuit (ratios are theirs / ours; RSS = peak of the child process, MB)")
+    print(head)
+    for m in models:
+        r = results[m]["eap"]
+        a, o, t = r["agreement"], r["runs"]["ours"], r["runs"]["auto-circuit"]
+        edges = f"{a['edges_ours']}/{a['edges_theirs']}/{a['edges_common']}"
+        print(f"{m:12s} {edges:>22s} {a['fitted_factor_theirs_over_ours']:8.3f} {a['max_rel_diff']:12.2e}"
+              f" {a['top100_overlap']:6.2f} {o['seconds']:8.2f} {t['seconds']:8.2f} {r['ratios']['time']:7.2f}"
+              f" {o['peak_rss_mb']:9.0f} {t['peak_rss_mb']:10.0f} {r['ratios']['peak_rss']:9.2f}")
+        print(f"{'':12s} TransformerLens vs HF logits: max |diff| {t.get('tl_vs_project_hf_max_abs_logit_diff')};"
+              f" Pearson {a['pearson']:.6f}, Spearman {a['spearman']:.6f}")
+    for m in models:
+        if "acdc" in results[m]:
+            r = results[m]["acdc"]
+            a, o, t = r["agreement"], r["runs"]["ours"], r["runs"]["auto-circuit"]
+            print(f"\nACDC on {m} (tau {r['tau']:g}, KL): kept ours {a['kept_ours']}, theirs {a['kept_theirs']},"
+                  f" both {a['kept_both']}, Jaccard {a['jaccard']:.3f}; time ours {o['seconds']:.2f} s,"
+                  f" theirs {t['seconds']:.2f} s, ratio {r['ratios']['time']:.2f};"
+                  f" peak RSS ratio {r['ratios']['peak_rss']:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", choices=("gpt2-random", "smollm2", "both"), default="gpt2-random")
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=1, help="child runs per side (medians are reported)")
+    parser.add_argument("--acdc", action="store_true", help="also compare ACDC (gpt2-random only; slow)")
+    parser.add_argument("--acdc-prompts", type=int, default=4, help="prompts (one batch) for ACDC")
+    parser.add_argument("--acdc-tau", type=float, default=1e-4)
+    parser.add_argument("--workdir", type=Path, default=None, help="models, data and score files")
+    parser.add_argument("--setup-only", action="store_true", help="only create the peers venv")
+    args = parser.parse_args()
+    if args.prompts % args.batch:
+        parser.error("--prompts must be a multiple of --batch (auto-circuit drops incomplete batches)")
+    args.workdir = args.workdir or default_workdir()
+
+    peers_python = venv.ensure_venv()
+    if args.setup_only:
+        print(f"peers venv ready: {peers_python}")
+        return
+    models = ["gpt2-random", "smollm2"] if args.model == "both" else [args.model]
+    results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+    results.setdefault("models", {})
+    for name in models:
+        results["models"][name] = bench_model(name, args, peers_python)
+        results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True))
+    print_table(results["models"], models)
+    print(f"\nwritten to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

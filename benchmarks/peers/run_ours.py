@@ -1,0 +1,96 @@
+"""Child process: our EAP or ACDC on a model folder and a peers data file (project interpreter).
+
+    python benchmarks/peers/run_ours.py --folder DIR --data data.safetensors --out scores.safetensors \
+        --method eap --batch 8
+
+Loads the model and the data, builds the ``Experiment`` (same ids, metric read at the last
+position), then times only the scoring call (``eap(experiment)`` or ``acdc(experiment, tau)``,
+ablation values included, as they are inside auto-circuit's call). Prints one JSON line: seconds,
+peak RSS of this process (``ru_maxrss``) and the RSS peak reached before the call.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.peers.scorefile import write_scores
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def build_experiment(folder: Path, data: Path, batch: int, metric: str):  # -> Experiment
+    """The model in ``folder`` and the prompts of ``data`` as an ``Experiment``."""
+    from benchmarks.peers.data import read_ioi_data
+    from circuits.experiment import Experiment
+    from circuits.metrics import make_metric
+    from circuits.tasks import TokenizedTask
+    from graphs.adapters import build_spec
+    from graphs.loading import load_model
+
+    loaded = load_model(str(folder), progress=False)
+    d = read_ioi_data(data)
+    N, T = d["clean"].shape
+    task = TokenizedTask(
+        name="ioi",
+        clean_ids=d["clean"],
+        corrupted_ids=d["corrupted"],
+        lengths=torch.full((N,), T),
+        answers=d["answers"],
+        wrongs=d["wrongs"],
+        read_positions=torch.full((N,), T - 1),
+    )
+    return loaded, Experiment(build_spec(loaded.model), task, make_metric(metric), batch_size=batch)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--folder", type=Path, required=True)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--method", choices=("eap", "acdc"), default="eap")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--metric", default="logit_diff")
+    p.add_argument("--tau", type=float, default=0.0)
+    args = p.parse_args()
+
+    _, exp = build_experiment(args.folder, args.data, args.batch, args.metric)
+    g = exp.spec.graph
+    before = peak_rss_mb()
+    kept: set[str] | None = None
+    extra: dict[str, object] = {}
+    start = time.perf_counter()
+    if args.method == "eap":
+        from circuits.methods.eap import eap
+
+        result = eap(exp)
+    else:
+        from circuits.methods.acdc import acdc
+
+        res = acdc(exp, args.tau)
+        result = res.scores
+        kept = {str(g.edge_id(int(s), int(r))) for s, r in torch.nonzero(res.circuit.in_circuit).tolist()}
+        extra = {"metric_circuit": res.metric, "metric_full": res.full_metric, "evaluations": res.evaluations,
+                 "passes": res.passes}
+    seconds = time.perf_counter() - start
+    values = result.flat().tolist()
+    scores = {str(e): v for e, v in zip(g.edges(), values, strict=True)}
+    write_scores(args.out, scores, {"side": "ours", "method": args.method}, kept)
+    print(json.dumps({"side": "ours", "method": args.method, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+                      "rss_before_call_mb": before, "edges": g.n_edges, "kept": None if kept is None else len(kept),
+                      "threads": torch.get_num_threads(), **extra}))
+
+
+if __name__ == "__main__":
+    main()
