@@ -34,7 +34,17 @@ def timed(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB (Linux reports KB)."""
+    """Peak resident set size of this process so far, in MB: ``VmHWM`` of /proc/self/status.
+
+    Not ``getrusage(...).ru_maxrss``: Linux carries that over from the parent across fork + exec, so
+    a child started by a 5 GB benchmark process would report at least 5 GB whatever it did."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
