@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+import networkx as nx
 import torch
 from torch import Tensor
 
-from graphs.circuit import Circuit, _kind
+from graphs.circuit import Circuit, _kind, node_attributes
 from graphs.graph import SLOTS, ComputationGraph
 from graphs.ids import EdgeId, IdError, NodeId, NodeKind, ReceiverId, parse_positional_edge, parse_positional_node
 from graphs.scores import EdgeScores, NodeScores
@@ -419,6 +420,114 @@ class PositionalCircuit:
         for i, node in enumerate(self.graph.senders):
             if node.kind is NodeKind.HEAD and bool(mask[i].any()):
                 out[str(node)] = mask[i].nonzero().flatten().tolist()
+        return out
+
+    # ------------------------------------------------------------------ networkx views and paths
+    def to_networkx(self) -> nx.DiGraph:
+        """A fresh ``nx.DiGraph`` of the circuit's positional edges: nodes ``a3.h7@12`` with ``kind``,
+        ``layer``, ``head`` (export-safe ints as in ``Circuit.to_networkx``), ``position`` and
+        ``token``; one edge per (sender@t, receiver node@t) pair with q/k/v slots merged (``slot``,
+        ``slot_scores``, ``score`` summed over slots or None). Graph attributes: ``n_layers``,
+        ``n_heads``, ``parallel_residual``, ``n_positions``, ``tokens`` (a list), ``provenance`` and,
+        with scores, ``method``. Only residual edges: movement between tokens inside heads is not an
+        edge of the graph (``paths`` follows it)."""
+        g = self.graph
+        attrs: dict[str, Any] = {
+            "n_layers": g.n_layers, "n_heads": g.n_heads, "parallel_residual": g.parallel_residual,
+            "n_positions": self.n_positions, "tokens": list(self.tokens), "provenance": dict(self.provenance),
+        }
+        if self.scores is not None:
+            attrs["method"] = self.scores.method
+        view = nx.DiGraph(**attrs)
+        for node in self.nodes():
+            assert node.position is not None
+            view.add_node(str(node), **node_attributes(g, node.at(None)), position=node.position,
+                          token=self.tokens[node.position])
+        for edge, score in self._rows(self.in_circuit, None):
+            u, v = str(edge.sender), str(edge.receiver.node)
+            slot = "" if edge.receiver.slot is None else edge.receiver.slot.value
+            data = view.get_edge_data(u, v)
+            if data is None:
+                view.add_edge(u, v, slot=slot, slot_scores={slot: score}, score=score)
+            else:  # another slot of the same head at the same token: slots arrive in q, k, v order
+                data["slot"] = f"{data['slot']},{slot}"
+                data["slot_scores"][slot] = score
+                data["score"] = None if score is None else data["score"] + score
+        return view
+
+    def _path_graph(self) -> nx.DiGraph:
+        """The graph ``paths`` walks: circuit edges, with a head's ``<k>`` / ``<v>`` edges at token t
+        entering a hidden node ``a.h@t<kv>`` that continues to the same head at every token ``>= t``
+        where it is a circuit node (causal attention); ``<q>`` edges enter the head at t only."""
+        view = nx.DiGraph()
+        heads_at: dict[str, list[int]] = {}
+        for node in self.nodes():
+            view.add_node(str(node))
+            if node.kind is NodeKind.HEAD:
+                heads_at.setdefault(str(node.at(None)), []).append(int(node.position))  # type: ignore[arg-type]
+        for edge, _ in self._rows(self.in_circuit, None):
+            u, receiver = str(edge.sender), edge.receiver
+            slot = receiver.slot
+            if slot is None or slot.value == "q":
+                view.add_edge(u, str(receiver.node))
+                continue
+            head, t = receiver.node.at(None), receiver.node.position
+            assert t is not None
+            hidden = f"{receiver.node}<kv>"
+            view.add_edge(u, hidden)
+            for later in heads_at.get(str(head), []):
+                if later >= t:
+                    view.add_edge(hidden, str(head.at(later)))
+        return view
+
+    def paths(self, source: NodeId | str = "input", target: NodeId | str = "logits", limit: int | None = None,
+              position: int | None = None) -> list[list[NodeId]]:
+        """Simple paths from ``source`` to ``target`` through the positional circuit, as lists of
+        positional nodes.
+
+        Residual edges join equal tokens; a path moves to a later token only inside a head, through
+        the head's ``<k>`` / ``<v>`` input at token t to the same head's output at a token ``t' >= t``
+        (shown as ``a.h@t -> a.h@t'``). ``source`` / ``target`` without ``@t`` stand for the component
+        at every token where it is a circuit node. ``position``: only paths that stay at that token.
+        ``limit``: the first ``limit`` paths (deterministic order: sources, then targets by token,
+        then networkx DFS); paths that read the same are listed once."""
+        if limit is not None and limit < 0:
+            raise ValueError("limit must be non-negative")
+        if position is not None and not 0 <= position < self.n_positions:
+            raise IndexError(f"position {position} outside 0..{self.n_positions - 1}")
+        view = self._path_graph()
+        present = set(self.nodes())
+
+        def ends(item: NodeId | str) -> list[NodeId]:
+            node = _parse_node(item)
+            _node_index(self.graph, node.at(None))  # IdError / ValueError for nodes the graph lacks
+            if node.position is not None:
+                wanted = [node]
+            else:
+                wanted = [node.at(t) for t in range(self.n_positions)]
+            return [n for n in wanted if n in present and (position is None or n.position == position)]
+
+        if position is not None:
+            view = view.subgraph([n for n in view if _parse_node(n.removesuffix("<kv>")).position == position])
+        out: list[list[NodeId]] = []
+        seen: set[tuple[str, ...]] = set()
+        for src in ends(source):
+            for dst in ends(target):
+                if src == dst:
+                    continue
+                for raw in nx.all_simple_paths(view, str(src), str(dst)):
+                    shown: list[str] = []
+                    for name in raw:
+                        name = name.removesuffix("<kv>")
+                        if not shown or shown[-1] != name:
+                            shown.append(name)
+                    key = tuple(shown)
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    out.append([_parse_node(n) for n in shown])
+                    if limit is not None and len(out) >= limit:
+                        return out
         return out
 
     def describe(self) -> str:
