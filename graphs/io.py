@@ -660,6 +660,22 @@ def import_circuit(path: PathLike, fmt: str = "auto", max_bytes: int = DEFAULT_M
     return circuit_from_mib_dict(data, str(path))
 
 
+def import_any_circuit(path: PathLike, max_bytes: int = DEFAULT_MAX_BYTES) -> Circuit | PositionalCircuit:
+    """Load any circuit file: a token-position circuit (``format`` is ``causal-circuits/positional-circuit``)
+    as a ``PositionalCircuit``, our JSON or MIB JSON as a ``Circuit``. The file is read once; the
+    same hostile-input guarantees as the single-format loaders (CircuitFileError on any problem)."""
+    data = read_json_file(path, max_bytes, allow_nan=True)
+    if isinstance(data, dict) and data.get("format") == POSITIONAL_FORMAT_NAME:
+        return positional_circuit_from_dict(data, str(path))
+    if isinstance(data, dict) and "format" in data:
+        return circuit_from_dict(data, str(path))
+    if isinstance(data, dict) and "cfg" in data:
+        return circuit_from_mib_dict(data, str(path))
+    raise CircuitFileError(
+        f"{path}: neither a {FORMAT_NAME} / {POSITIONAL_FORMAT_NAME} file nor MIB / EAP-IG circuit JSON"
+    )
+
+
 def _reject_nan(data: Any, name: str) -> None:
     """Our own format never holds NaN anywhere; refuse it (iterative walk: no recursion limit)."""
     stack = [data]
@@ -673,13 +689,20 @@ def _reject_nan(data: Any, name: str) -> None:
             stack.extend(item)
 
 
-def export_circuit(circuit: Circuit, path: PathLike, fmt: str, *, d_model: int | None = None) -> None:
+def export_circuit(
+    circuit: Circuit | PositionalCircuit, path: PathLike, fmt: str, *, d_model: int | None = None, collapse: bool = False
+) -> None:
     """Write ``circuit`` as ``fmt``: json, mib-json, graphml, gexf or node-link (all atomic).
 
     GraphML and GEXF get the merged DiGraph of ``Circuit.to_networkx`` with export-safe attributes:
     ``score`` (omitted without scores), ``slot``, per-slot ``score_q`` / ``score_k`` / ``score_v`` on
     head edges, and the provenance as a JSON string graph attribute ``provenance_json``.
-    Node-link JSON keeps the DiGraph attributes as they are (``slot_scores`` dicts, nulls)."""
+    Node-link JSON keeps the DiGraph attributes as they are (``slot_scores`` dicts, nulls).
+
+    A ``PositionalCircuit`` goes to ``export_positional_circuit`` (``collapse`` applies to it only)."""
+    if isinstance(circuit, PositionalCircuit):
+        export_positional_circuit(circuit, path, fmt, d_model=d_model, collapse=collapse)
+        return
     if fmt == "json":
         save_circuit(circuit, path)
     elif fmt == "mib-json":
@@ -696,10 +719,14 @@ def export_circuit(circuit: Circuit, path: PathLike, fmt: str, *, d_model: int |
         raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
 
 
-def xml_safe_view(circuit: Circuit) -> nx.DiGraph:
-    """``to_networkx`` with GraphML / GEXF-safe attributes only (str, int, float, bool; no None, no dicts)."""
+def xml_safe_view(circuit: Circuit | PositionalCircuit) -> nx.DiGraph:
+    """``to_networkx`` with GraphML / GEXF-safe attributes only (str, int, float, bool; no None, no dicts).
+
+    Positional circuits also get their tokens as a JSON string graph attribute ``tokens_json``."""
     view = circuit.to_networkx()
     view.graph["provenance_json"] = json.dumps(check_provenance(view.graph.pop("provenance")), sort_keys=True)
+    if "tokens" in view.graph:
+        view.graph["tokens_json"] = json.dumps(view.graph.pop("tokens"))
     for _, _, data in view.edges(data=True):
         slot_scores = data.pop("slot_scores")
         if data["score"] is None:
@@ -848,3 +875,26 @@ def save_positional_mib_json(
             "pass collapse=True to write circuit.collapsed() (edges in at any position, scores summed)"
         )
     save_mib_json(circuit.collapsed(), path, d_model)
+
+
+def export_positional_circuit(
+    circuit: PositionalCircuit, path: PathLike, fmt: str, *, d_model: int | None = None, collapse: bool = False
+) -> None:
+    """Write a positional circuit as ``fmt`` (atomic): ``json`` (the positional format), ``graphml`` /
+    ``gexf`` / ``node-link`` (``PositionalCircuit.to_networkx``: node ids ``a3.h7@12`` with ``position``
+    and ``token`` attributes; GraphML / GEXF as in ``xml_safe_view``), ``mib-json`` only with
+    ``collapse=True`` (MIB has no token positions: ``save_positional_mib_json``)."""
+    if fmt == "json":
+        save_positional_circuit(circuit, path)
+    elif fmt == "mib-json":
+        save_positional_mib_json(circuit, path, d_model, collapse=collapse)
+    elif fmt in ("graphml", "gexf"):
+        view = xml_safe_view(circuit)
+        with atomic_write(path) as handle:
+            (nx.write_graphml if fmt == "graphml" else nx.write_gexf)(view, handle)
+    elif fmt == "node-link":
+        view = circuit.to_networkx()
+        view.graph["provenance"] = check_provenance(circuit.provenance)
+        _write_json(nx.node_link_data(view, edges="edges"), path)
+    else:
+        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
