@@ -34,7 +34,7 @@ from circuits.positional import check_alignment
 from circuits.prune import selection_masks
 from graphs.circuit import Circuit
 from graphs.graph import ComputationGraph
-from graphs.positional import PositionalCircuit
+from graphs.positional import PositionalCircuit, PositionalEdgeScores
 from graphs.scores import EdgeScores
 
 EDGE_FRACTIONS: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
@@ -398,6 +398,56 @@ def random_baseline(
     base = _baseline(experiment, baseline)
     masks = torch.stack([_prefix_mask(g, order, n_edges) for order in _random_orders(g, samples, seed)])
     values = faithfulness_of_masks(experiment, g.edge_mask & ~masks, base, max_floats)
+    return RandomBaseline(n_edges, tuple(values), seed)
+
+
+def positional_faithfulness_curve(
+    experiment: Experiment,
+    scores: PositionalEdgeScores,
+    fractions: Sequence[float] = EDGE_FRACTIONS,
+    absolute: bool = True,
+    baseline: Baseline | None = None,
+) -> Curve:
+    """Faithfulness of the top-n positional circuits of ``scores`` at edge fractions of the
+    positional edges (``n = max(1, round(fraction * E * T))``). One forward pass per batch and
+    distinct ``n`` with the ``[S, R, T]`` mask (positional masks are not stacked)."""
+    _check_graph(experiment, scores.graph, "the scores")
+    fr = _check_fractions(fractions)
+    base = _baseline(experiment, baseline)
+    ns = edge_counts(fr, scores.n_edges)
+    value = {}
+    for n in sorted(set(ns)):
+        circuit = PositionalCircuit(scores.graph, scores.top_n_mask(n, absolute), scores.tokens, scores)
+        value[n] = base.normalise(positional_circuit_metric(experiment, circuit))
+    return Curve(fr, tuple(ns), tuple(value[n] for n in ns), scores.n_edges, "top-n")
+
+
+def positional_random_baseline(
+    experiment: Experiment,
+    n_edges: int,
+    tokens: Sequence[str],
+    samples: int = 5,
+    seed: int = 0,
+    baseline: Baseline | None = None,
+) -> RandomBaseline:
+    """Faithfulness of random positional circuits of ``n_edges`` positional edges, drawn uniformly
+    (without replacement) from the ``E * T`` positional edges with a generator seeded with ``seed``;
+    ``tokens``: the alignment's token strings (one per position)."""
+    _check_samples(samples)
+    g, T = experiment.spec.graph, len(tokens)
+    total = g.n_edges * T
+    if isinstance(n_edges, bool) or not isinstance(n_edges, int) or not (0 <= n_edges <= total):
+        raise EvaluationError(f"n_edges must be an integer in [0, {total}], got {n_edges!r}")
+    base = _baseline(experiment, baseline)
+    every = g.edge_mask[:, :, None].expand(-1, -1, T).nonzero()  # [E*T, 3] (sender, receiver, position)
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(samples):
+        pick = every[torch.randperm(every.shape[0], generator=gen)[:n_edges]]
+        mask = torch.zeros(g.n_senders, g.n_receivers, T, dtype=torch.bool)
+        mask[pick[:, 0], pick[:, 1], pick[:, 2]] = True
+        circuit = PositionalCircuit(g, mask, tuple(tokens))
+        values.append(base.normalise(positional_circuit_metric(experiment, circuit)))
     return RandomBaseline(n_edges, tuple(values), seed)
 
 

@@ -633,7 +633,8 @@ def discover_positional(
     provenance = make_provenance(
         model=loaded.name, model_revision=loaded.revision, family=loaded.family, task=task.name,
         dataset_sha256=task.dataset_hash(), n_prompts=len(task), method=settings.method,
-        settings={**dict(scores.settings), **_method_settings(settings), "positional": True},
+        settings={**dict(scores.settings), **_method_settings(settings), "positional": True,
+                  "aligned_subset": settings.aligned_subset, "prompts_generated": settings.n_prompts},
         selection=rule if rule != "target" else f"minimal circuit at faithfulness >= {settings.target_faithfulness}",
         ablation=settings.ablation, metric=metric.name, seed=settings.seed, faithfulness=faith.value,
         d_model=spec.d_model, read_position=alignment.read_position,
