@@ -60,6 +60,38 @@ def read_circuit(path: str) -> Any:
     return import_circuit(path)
 
 
+def read_any_circuit(path: str) -> Any:
+    """``graphs.io.import_any_circuit(path)``: a ``PositionalCircuit`` for a token-position circuit file,
+    else a ``Circuit`` (our JSON or MIB / EAP-IG JSON); ``CircuitFileError`` with a one-line reason."""
+    from graphs.io import import_any_circuit
+
+    return import_any_circuit(path)
+
+
+def is_positional(circuit: Any) -> bool:
+    """True for a ``graphs.positional.PositionalCircuit`` (token-position circuit)."""
+    from graphs.positional import PositionalCircuit
+
+    return isinstance(circuit, PositionalCircuit)
+
+
+def position_option(func: F) -> F:
+    """``--position T``: only what lies at token position T (token-position circuits only)."""
+    return click.option("--position", type=click.IntRange(min=0), metavar="T",
+                        help="Token-position circuits: only nodes / edges at token position T.")(func)
+
+
+def check_position(circuit: Any, position: int | None, path: str) -> None:
+    """InputError when ``--position`` is given for a circuit without positions or out of range."""
+    if position is None:
+        return
+    if not is_positional(circuit):
+        raise InputError(f"{path} is not a token-position circuit; --position needs one (circuits discover --positional)")
+    if position >= circuit.n_positions:
+        raise InputError(f"--position {position} is outside the {circuit.n_positions} token positions of {path} "
+                         f"(0..{circuit.n_positions - 1})")
+
+
 def check_same_graph(graph: Any, other: Any, what: str, other_what: str) -> None:
     """InputError naming both shapes when two computation graphs differ."""
     if graph != other:

@@ -16,8 +16,10 @@ from cli.options import (
     circuit_argument,
     config_option,
     echo_json,
+    is_positional,
     json_option,
     load,
+    read_any_circuit,
 )
 
 SELECTIONS = ("top-n", "greedy")
@@ -57,6 +59,9 @@ def _curve_selection(prov: Mapping[str, Any]) -> str:
               help="How the curve's circuits are picked from the scores. Default: the circuit's selection.")
 @click.option("--random-samples", type=click.IntRange(min=0), default=5, show_default=True,
               help="Random circuits of the same size for the baseline (0: none).")
+@click.option("--aligned-subset/--all-prompts", "aligned", default=None,
+              help="Token-position circuits: keep the largest group of prompts sharing one token alignment. "
+                   "Default: as the circuit was found.")
 @json_option
 def evaluate(
     circuit: str,
@@ -71,6 +76,7 @@ def evaluate(
     curve: bool,
     selection: str | None,
     random_samples: int,
+    aligned: bool | None,
     as_json: bool,
 ) -> None:
     """Measure a saved circuit: faithfulness, curve (CPR / CMD) and a random baseline.
@@ -80,7 +86,10 @@ def evaluate(
     (docs/evaluation.md). The model, task, prompt count, seed, ablation and metric default to the
     ones recorded in the circuit file, so evaluating a discover run again needs no options; pass
     them to test the circuit elsewhere (more prompts, another seed or ablation). The model must
-    have the circuit's computation graph. Accepts our circuit JSON and MIB / EAP-IG JSON.
+    have the circuit's computation graph. Accepts our circuit JSON, MIB / EAP-IG JSON and
+    token-position circuits (docs/positions.md): those are evaluated with positional masks on prompts
+    that share the circuit's token alignment (--aligned-subset as recorded by discover), the random
+    baseline draws positional edges and the curve takes top-n positional circuits.
 
     \b
     Examples:
@@ -89,10 +98,14 @@ def evaluate(
       circuits evaluate runs/ioi/circuit.json --ablation mean --no-curve
       circuits evaluate mib-circuit.json --model smollm2-135m --task ioi
       circuits evaluate runs/ioi/circuit.json --config run.toml --seed 2   # flags override the file
+      circuits evaluate runs/pos/circuit.json --n-prompts 64              # token-position circuit
     """
     from circuits.evaluate import (
         faithfulness,
         faithfulness_curve,
+        positional_faithfulness,
+        positional_faithfulness_curve,
+        positional_random_baseline,
         random_baseline,
         reference_metrics,
     )
@@ -100,11 +113,11 @@ def evaluate(
     from circuits.metrics import make_metric
     from circuits.pipeline import DiscoverySettings, load_task
     from circuits.tasks import available_tasks
-    from cli.options import read_circuit
     from graphs.adapters import build_spec
 
     start = time.perf_counter()
-    found = read_circuit(circuit)
+    found = read_any_circuit(circuit)
+    positional = is_positional(found)
     prov = found.provenance
     model = model or _from_provenance(prov, "model", str)
     if model is None:
@@ -119,12 +132,18 @@ def evaluate(
                 "pass --task-file FILE or --task NAME"
             )
         task = recorded_task
-    n_prompts = n_prompts or _from_provenance(prov, "n_prompts", int, 32)
+    recorded = prov.get("settings") if isinstance(prov.get("settings"), Mapping) else {}
+    generated = _from_provenance(recorded, "prompts_generated", int) if positional else None
+    n_prompts = n_prompts or generated or _from_provenance(prov, "n_prompts", int, 32)
     seed = seed if seed is not None else _from_provenance(prov, "seed", int, 0)
     ablation = ablation or _from_provenance(prov, "ablation", str, "corrupted")
     metric = metric or _from_provenance(prov, "metric", str, "logit_diff")
-    selection = selection or _curve_selection(prov)
-    recorded = prov.get("settings") if isinstance(prov.get("settings"), Mapping) else {}
+    if positional and selection == "greedy":
+        raise InputError("token-position circuits have top-n curves only; drop --selection greedy")
+    selection = "top-n" if positional else selection or _curve_selection(prov)
+    if aligned is not None and not positional:
+        raise InputError(f"{circuit} is not a token-position circuit; --aligned-subset / --all-prompts need one")
+    aligned = bool(aligned if aligned is not None else _from_provenance(recorded, "aligned_subset", bool, False))
     batch_size = batch_size or _from_provenance(recorded, "batch_size", int, 16)
 
     loaded = load(model)
@@ -133,20 +152,31 @@ def evaluate(
     settings = DiscoverySettings(model=model, task=task or "ioi", task_file=task_file, n_prompts=n_prompts, seed=seed,
                                  ablation=ablation, metric=metric, batch_size=batch_size)
     tokenized = load_task(settings, loaded)
+    alignment = None
+    if positional:
+        tokenized, alignment = _aligned(tokenized, aligned, found, circuit, loaded.tokenizer)
     experiment = Experiment(spec, tokenized, make_metric(metric), ablation=ablation, batch_size=batch_size)
 
-    click.echo(f"evaluating {found.n_edges} edges on {len(tokenized)} prompts of {tokenized.name} "
+    kind = "positional edges" if positional else "edges"
+    click.echo(f"evaluating {found.n_edges} {kind} on {len(tokenized)} prompts of {tokenized.name} "
                f"({ablation} ablation, {metric})", err=True)
     base = reference_metrics(experiment)
-    faith = faithfulness(experiment, found, base)
+    faith = positional_faithfulness(experiment, found, base) if positional else faithfulness(experiment, found, base)
     rand = None
     if random_samples:
-        click.echo(f"random baseline: {random_samples} circuits of {found.n_edges} edges", err=True)
-        rand = random_baseline(experiment, found.n_edges, samples=random_samples, seed=seed, baseline=base)
+        click.echo(f"random baseline: {random_samples} circuits of {found.n_edges} {kind}", err=True)
+        if positional:
+            rand = positional_random_baseline(experiment, found.n_edges, found.tokens, samples=random_samples, seed=seed,
+                                              baseline=base)
+        else:
+            rand = random_baseline(experiment, found.n_edges, samples=random_samples, seed=seed, baseline=base)
     result_curve = None
     if curve and found.scores is not None:
         click.echo("faithfulness curve at 10 edge fractions", err=True)
-        result_curve = faithfulness_curve(experiment, found.scores, baseline=base, selection=selection)
+        if positional:
+            result_curve = positional_faithfulness_curve(experiment, found.scores, baseline=base)
+        else:
+            result_curve = faithfulness_curve(experiment, found.scores, baseline=base, selection=selection)
     elif curve and not as_json:
         click.echo("no curve: the circuit has no scores", err=True)
 
@@ -166,7 +196,7 @@ def evaluate(
         "same_dataset": None if recorded_hash is None else recorded_hash == dataset,
         "edges": found.n_edges,
         "edge_fraction": found.edge_fraction,
-        "graph_edges": found.graph.n_edges,
+        "graph_edges": found.n_graph_edges if positional else found.graph.n_edges,
         "nodes": len(nodes),
         "heads": sum(1 for n in nodes if n.kind.value == "head"),
         "mlps": sum(1 for n in nodes if n.kind.value == "mlp"),
@@ -182,27 +212,60 @@ def evaluate(
         },
         "seconds": time.perf_counter() - start,
     }
+    if alignment is not None:
+        report["positional"] = {
+            "n_positions": alignment.length,
+            "read_position": alignment.read_position,
+            "aligned_subset": aligned,
+            "same_tokens": tuple(alignment.tokens) == tuple(found.tokens),
+        }
     if as_json:
         echo_json(report)
     else:
         click.echo("\n".join(_table(report)))
 
 
+def _aligned(task: Any, aligned: bool, found: Any, path: str, tokenizer: Any) -> tuple[Any, Any]:
+    """The prompts a token-position circuit is evaluated on (the largest aligned group with
+    ``aligned``) and their alignment; InputError when they do not fit the circuit's positions."""
+    from circuits.positional import AlignmentError, aligned_subset, check_alignment
+
+    if aligned:
+        task = aligned_subset(task)
+    try:
+        alignment = check_alignment(task, tokenizer)
+    except AlignmentError as err:
+        raise InputError(f"{err}; here: pass --aligned-subset") from None
+    if alignment.length != found.n_positions:
+        raise InputError(f"{path} has {found.n_positions} token positions but the prompts have {alignment.length} "
+                         "tokens; evaluate it on prompts of its own template and length")
+    return task, alignment
+
+
+def _positions_line(pos: dict[str, Any]) -> str:
+    differs = "" if pos["same_tokens"] else " (the first prompt's tokens differ from the circuit's)"
+    return f"positions    {pos['n_positions']} tokens, metric read at {pos['read_position']}{differs}"
+
+
 def _table(r: dict[str, Any]) -> list[str]:
     f = r["faithfulness"]
     same = {None: "", True: ", the circuit's own prompts", False: ", not the prompts the circuit was found on"}
+    pos = r.get("positional")
+    what = "edges" if pos is None else "positional edges"
+    nodes = "nodes" if pos is None else "(node, position) pairs"
     lines = [
-        (f"circuit      {r['circuit']}: {r['edges']} edges ({100 * r['edge_fraction']:.2f}% of {r['graph_edges']}), "
-         f"{r['nodes']} nodes: {r['heads']} heads, {r['mlps']} MLPs"),
+        (f"circuit      {r['circuit']}: {r['edges']} {what} ({100 * r['edge_fraction']:.2f}% of {r['graph_edges']}), "
+         f"{r['nodes']} {nodes}: {r['heads']} heads, {r['mlps']} MLPs"),
         f"evaluated on {r['task']} ({r['model']}, {r['n_prompts']} prompts, seed {r['seed']}{same[r['same_dataset']]})",
         f"             {r['ablation']} ablation, metric {r['metric']}",
+        *([] if pos is None else [_positions_line(pos)]),
         (f"faithfulness {f['value']:.3f}   m(C) {f['m_circuit']:.4g}, m(full) {f['m_full']:.4g}, "
          f"m(empty) {f['m_empty']:.4g}"),
     ]
     rand = r["random_baseline"]
     if rand is not None:
         lines.append(f"random       {rand['mean']:.3f} +- {rand['std']:.3f} "
-                     f"({len(rand['values'])} random circuits of {rand['n_edges']} edges)")
+                     f"({len(rand['values'])} random circuits of {rand['n_edges']} {what})")
     c = r["curve"]
     if c is not None:
         lines.append(f"curve        CPR {c['cpr']:.3f}   CMD {c['cmd']:.3f}   ({c['selection']} circuits of the scores)")

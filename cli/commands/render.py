@@ -9,8 +9,9 @@ from cli.options import (
     bad_input,
     circuit_argument,
     echo_json,
+    is_positional,
     json_option,
-    read_circuit,
+    read_any_circuit,
 )
 
 FORMATS = ("svg", "png", "pdf", "dot", "html")
@@ -32,8 +33,9 @@ def render(circuit: str, out_path: str, fmt: str | None, top: int | None, min_sc
     \b
     Edge width grows with |score|; colour shows its sign; q/k/v inputs of a head are told apart
     (docs/rendering.md). SVG, PNG and PDF need Graphviz `dot`; .dot writes the DOT source without
-    it; .html is one offline page with the SVG and hover details. Reads our circuit JSON and MIB /
-    EAP-IG JSON. Big circuits (over 3000 edges) need --top or --min-score.
+    it; .html is one offline page with the SVG and hover details. Reads our circuit JSON, MIB /
+    EAP-IG JSON and token-position circuits (one column per token, headed by the token; svg, png,
+    pdf and dot only). Big circuits (over 3000 edges) need --top or --min-score.
 
     \b
     Examples:
@@ -41,6 +43,7 @@ def render(circuit: str, out_path: str, fmt: str | None, top: int | None, min_sc
       circuits render runs/ioi/circuit.json -o ioi.html --top 100
       circuits render runs/ioi/circuit.json -o ioi.png --min-score 0.05 --title "IOI, EAP-IG"
       circuits render mib-circuit.json -o mib.pdf
+      circuits render runs/pos/circuit.json -o pos.svg --top 200   # token-position circuit
     """
     from graphs.render import output_format
     from graphs.render import render as draw
@@ -50,9 +53,18 @@ def render(circuit: str, out_path: str, fmt: str | None, top: int | None, min_sc
     except ValueError:
         raise InputError(f"cannot tell the drawing format of {out_path!r} from its suffix; use .svg, .png, .pdf, "
                          ".dot, .gv, .html or .htm, or pass --format") from None
-    found = read_circuit(circuit)
-    with bad_input():
-        result = draw(found, out_path, kind, title=title, top=top, min_score=min_score)
+    found = read_any_circuit(circuit)
+    if is_positional(found):
+        from graphs.render_positional import render_positional
+
+        if kind == "html":
+            raise InputError(f"{circuit} is a token-position circuit and the HTML viewer does not draw those yet; "
+                             "write .svg, .png, .pdf or .dot")
+        with bad_input():
+            result = render_positional(found, out_path, kind, title=title, top=top, min_score=min_score)
+    else:
+        with bad_input():
+            result = draw(found, out_path, kind, title=title, top=top, min_score=min_score)
     if as_json:
         echo_json({"path": str(result.path), "format": result.format, "edges": result.n_edges,
                    "nodes": result.n_nodes, "circuit_edges": result.n_circuit_edges})
