@@ -38,6 +38,7 @@ from graphs.render_dot import (
     drawn_edges,
     edge_attributes,
     emit_edges,
+    emit_scored_edges,
     legend_node,
     new_digraph,
     node_attributes,
@@ -107,12 +108,19 @@ def filter_circuit(circuit: Circuit, top: int | None = None, min_score: float | 
     if min_score is not None:
         mask &= key >= float(min_score)
     if top is not None:
-        ranked = torch.where(mask, key, torch.full((), -math.inf, dtype=key.dtype)).T.reshape(-1)
-        chosen = torch.sort(ranked, descending=True, stable=True).indices[: min(top, int(mask.sum()))]
-        flat = torch.zeros_like(ranked, dtype=torch.bool)
-        flat[chosen] = True
-        mask = flat.view(circuit.graph.n_receivers, circuit.graph.n_senders).T.contiguous()
+        mask = _keep_top(mask.T, key.T, top).T.contiguous()
     return circuit.with_mask(mask)
+
+
+def _keep_top(mask: torch.Tensor, key: torch.Tensor, top: int) -> torch.Tensor:
+    """The ``top`` entries of ``mask`` with the highest ``key``; ties go to the first in row-major order.
+
+    Callers permute ``mask`` and ``key`` so that row-major order is graph order, and permute back."""
+    ranked = torch.where(mask, key, torch.full((), -math.inf, dtype=key.dtype)).reshape(-1)
+    chosen = torch.sort(ranked, descending=True, stable=True).indices[: min(top, int(mask.sum()))]
+    flat = torch.zeros_like(ranked, dtype=torch.bool)
+    flat[chosen] = True
+    return flat.view(mask.shape)
 
 
 def _filter_note(circuit: Circuit, shown: Circuit, top: int | None, min_score: float | None) -> list[str]:
@@ -167,7 +175,6 @@ def _draw(
     nodes = shown.nodes()
     scale = score_scale(edges)
     scored = circuit.scores is not None
-    labels = len(edges) <= style.edge_label_limit
     heading = title_from_provenance(circuit) if title is None else title
     stats = [
         f"{_plural(len(edges), 'edge')} \u00b7 {_counts(nodes)} \u00b7 graph: {circuit.graph.describe()}",
@@ -179,13 +186,7 @@ def _draw(
     slot_colour = "#333333" if scored else style.neutral
     legend = legend_node(score_legend_rows(style, scale, scored, _any_neutral(edges)) + slot_rows(style, slot_colour))
     add_nodes(dot, shown.graph, nodes, lambda n: node_attributes(shown.graph, n, style), [("legend", legend)])
-    rows = []
-    for i, e in enumerate(edges):
-        tooltip = f"{e.edge}  score {format_score(e.score)}"
-        colour, width = style.edge_color(e.score, scale), style.penwidth(e.score, scale)
-        attrs = edge_attributes(e, colour, width, style, labels, tooltip)
-        rows.append((style.weight(e.score, scale), i, e, attrs))
-    emit_edges(dot, rows)
+    emit_scored_edges(dot, edges, style, scale)
     return _Drawing(dot, shown, edges, heading, stats)
 
 

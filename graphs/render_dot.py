@@ -197,6 +197,18 @@ def emit_edges(dot: graphviz.Digraph, rows: Sequence[tuple[float, int, DrawnEdge
         dot.edge(str(e.edge.sender), str(e.edge.receiver.node), **attrs)
 
 
+def emit_scored_edges(dot: graphviz.Digraph, edges: Sequence[DrawnEdge], style: Style, scale: float) -> None:
+    """Add ``edges`` coloured and sized by score (slot labels in small drawings), weakest first."""
+    labels = len(edges) <= style.edge_label_limit
+    rows = []
+    for i, e in enumerate(edges):
+        tooltip = f"{e.edge}  score {format_score(e.score)}"
+        colour, width = style.edge_color(e.score, scale), style.penwidth(e.score, scale)
+        attrs = edge_attributes(e, colour, width, style, labels, tooltip)
+        rows.append((style.weight(e.score, scale), i, e, attrs))
+    emit_edges(dot, rows)
+
+
 # ---------------------------------------------------------------------- titles and legends
 def title_from_provenance(circuit: Circuit) -> str:
     """``model · task · method · faithfulness`` from provenance (method falls back to the scores')."""

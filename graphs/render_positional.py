@@ -17,15 +17,21 @@ import math
 import os
 from dataclasses import dataclass
 
-import torch
-
 from graphs.ids import EdgeId, NodeId, NodeKind
 from graphs.positional import PositionalCircuit
-from graphs.render import MAX_EDGES, PNG_DPI, RenderResult, _check_size, _write, output_format, run_dot
+from graphs.render import (
+    MAX_EDGES,
+    PNG_DPI,
+    RenderResult,
+    _check_size,
+    _keep_top,
+    _output,
+    _write,
+    output_format,
+)
 from graphs.render_dot import (
     DrawnEdge,
-    edge_attributes,
-    emit_edges,
+    emit_scored_edges,
     legend_node,
     new_digraph,
     score_legend_rows,
@@ -34,7 +40,7 @@ from graphs.render_dot import (
     title_from_provenance,
     title_rows,
 )
-from graphs.render_style import DEFAULT_STYLE, Style, font, format_score, html_label, label_text
+from graphs.render_style import DEFAULT_STYLE, Style, font, html_label, label_text
 
 PathLike = str | os.PathLike[str]
 
@@ -60,12 +66,7 @@ def filter_positional(circuit: PositionalCircuit, top: int | None = None, min_sc
     if min_score is not None:
         mask &= key >= float(min_score)
     if top is not None:
-        S, R, T = mask.shape
-        ranked = torch.where(mask, key, torch.full((), -math.inf, dtype=key.dtype)).permute(2, 1, 0).reshape(-1)
-        chosen = torch.sort(ranked, descending=True, stable=True).indices[: min(top, int(mask.sum()))]
-        flat = torch.zeros_like(ranked, dtype=torch.bool)
-        flat[chosen] = True
-        mask = flat.view(T, R, S).permute(2, 1, 0).contiguous()
+        mask = _keep_top(mask.permute(2, 1, 0), key.permute(2, 1, 0), top).permute(2, 1, 0).contiguous()
     return circuit.with_mask(mask)
 
 
@@ -133,13 +134,7 @@ def render_positional_dot(
                                                  + slot_rows(style, "#333333" if scored else style.neutral)))
     for i in range(len(keys) - 1):
         dot.edge(f"axis{i}", f"axis{i + 1}", style="invis", weight="10")
-    rows = []
-    labels = len(drawn) <= style.edge_label_limit
-    for i, e in enumerate(drawn):
-        attrs = edge_attributes(e, style.edge_color(e.score, scale), style.penwidth(e.score, scale), style, labels,
-                                f"{e.edge}  score {format_score(e.score)}")
-        rows.append((style.weight(e.score, scale), i, e, attrs))
-    emit_edges(dot, rows)
+    emit_scored_edges(dot, drawn, style, scale)
     return dot.source
 
 
@@ -160,9 +155,9 @@ def render_positional(
         raise ValueError("the HTML viewer does not draw positional circuits yet; write .svg, .png, .pdf or .dot")
     source = render_positional_dot(circuit, title=title, top=top, min_score=min_score, style=style,
                                    max_edges=max_edges, dpi=PNG_DPI if kind == "png" else None)
-    data = source.encode("utf-8") if kind == "dot" else run_dot(source, kind)
+    written = _write(path, _output(source, kind, None))
     shown = filter_positional(circuit, top, min_score)
-    return RenderResult(_write(path, data), kind, shown.n_edges, len(shown.nodes()), circuit.n_edges)
+    return RenderResult(written, kind, shown.n_edges, len(shown.nodes()), circuit.n_edges)
 
 
 def _edges(circuit: PositionalCircuit) -> list[tuple[EdgeId, float | None]]:
