@@ -366,7 +366,7 @@ def _scores_meta(value: Any, where: str) -> tuple[str, dict[str, Any], torch.dty
     return method, settings, _DTYPES[dtype_name]
 
 
-def _scores_meta_out(scores: EdgeScores | None) -> dict[str, Any] | None:
+def _scores_meta_out(scores: EdgeScores | PositionalEdgeScores | None) -> dict[str, Any] | None:
     if scores is None:
         return None
     dtype = {v: k for k, v in _DTYPES.items()}.get(scores.values.dtype)
@@ -707,7 +707,14 @@ def export_circuit(
         save_circuit(circuit, path)
     elif fmt == "mib-json":
         save_mib_json(circuit, path, d_model)
-    elif fmt in ("graphml", "gexf"):
+    else:
+        _export_networkx(circuit, path, fmt)
+
+
+def _export_networkx(circuit: Circuit | PositionalCircuit, path: PathLike, fmt: str) -> None:
+    """Write the ``to_networkx`` view as ``graphml`` / ``gexf`` (``xml_safe_view``) or ``node-link`` JSON
+    (atomic); ValueError for any other ``fmt``."""
+    if fmt in ("graphml", "gexf"):
         view = xml_safe_view(circuit)
         with atomic_write(path) as handle:
             (nx.write_graphml if fmt == "graphml" else nx.write_gexf)(view, handle)
@@ -769,19 +776,10 @@ def positional_circuit_to_dict(circuit: PositionalCircuit) -> dict[str, Any]:
         "graph": {"n_layers": g.n_layers, "n_heads": g.n_heads, "parallel_residual": g.parallel_residual},
         "tokens": list(circuit.tokens),
         "provenance": check_provenance(circuit.provenance),
-        "scores": _positional_scores_meta_out(scores),
+        "scores": _scores_meta_out(scores),
         "n_edges": circuit.n_edges,
         "edges": edges,
     }
-
-
-def _positional_scores_meta_out(scores: PositionalEdgeScores | None) -> dict[str, Any] | None:
-    if scores is None:
-        return None
-    dtype = {v: k for k, v in _DTYPES.items()}.get(scores.values.dtype)
-    if dtype is None:
-        raise ValueError(f"cannot store {scores.values.dtype} scores (float32 or float64 only)")
-    return {"method": scores.method, "settings": json_safe(scores.settings, "scores.settings"), "dtype": dtype}
 
 
 def positional_circuit_from_dict(data: Any, name: str = "positional circuit") -> PositionalCircuit:
@@ -888,13 +886,5 @@ def export_positional_circuit(
         save_positional_circuit(circuit, path)
     elif fmt == "mib-json":
         save_positional_mib_json(circuit, path, d_model, collapse=collapse)
-    elif fmt in ("graphml", "gexf"):
-        view = xml_safe_view(circuit)
-        with atomic_write(path) as handle:
-            (nx.write_graphml if fmt == "graphml" else nx.write_gexf)(view, handle)
-    elif fmt == "node-link":
-        view = circuit.to_networkx()
-        view.graph["provenance"] = check_provenance(circuit.provenance)
-        _write_json(nx.node_link_data(view, edges="edges"), path)
     else:
-        raise ValueError(f"unknown export format {fmt!r}; expected one of {', '.join(EXPORT_FORMATS)}")
+        _export_networkx(circuit, path, fmt)
