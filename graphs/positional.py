@@ -27,8 +27,8 @@ import networkx as nx
 import torch
 from torch import Tensor
 
-from graphs.circuit import Circuit, _kind, node_attributes
-from graphs.graph import SLOTS, ComputationGraph
+from graphs.circuit import Circuit, _kind, _node_position, _receivers_of, node_attributes
+from graphs.graph import ComputationGraph
 from graphs.ids import EdgeId, IdError, NodeId, NodeKind, ReceiverId, parse_positional_edge, parse_positional_node
 from graphs.scores import EdgeScores, NodeScores
 
@@ -362,7 +362,7 @@ class PositionalCircuit:
         parsed = _parse_node(node)
         if parsed.position is not None:
             raise IdError(f"{parsed}: give the component without a position (e.g. a3.h2)")
-        index = _node_index(self.graph, parsed)
+        index = _node_position(self.graph, parsed)
         return self.node_mask()[index].nonzero().flatten().tolist()
 
     def in_edges(self, node: NodeId | ReceiverId | str) -> list[tuple[EdgeId, float | None]]:
@@ -500,7 +500,7 @@ class PositionalCircuit:
 
         def ends(item: NodeId | str) -> list[NodeId]:
             node = _parse_node(item)
-            _node_index(self.graph, node.at(None))  # IdError / ValueError for nodes the graph lacks
+            _node_position(self.graph, node.at(None))  # IdError / ValueError for nodes the graph lacks
             if node.position is not None:
                 wanted = [node]
             else:
@@ -568,24 +568,6 @@ def _parse_receiver_or_node(text: str) -> ReceiverId | NodeId:
     from graphs.ids import parse_receiver
 
     return parse_receiver(text) if "<" in text else _parse_node(text)
-
-
-def _node_index(graph: ComputationGraph, node: NodeId) -> int:
-    if node == NodeId.logits():
-        return graph.n_senders
-    return graph.sender_index(node)
-
-
-def _receivers_of(graph: ComputationGraph, node: NodeId) -> list[int]:
-    if node.kind is NodeKind.INPUT:
-        return []
-    if node.kind is NodeKind.LOGITS:
-        return [graph.logits_receiver]
-    assert node.layer is not None
-    if node.kind is NodeKind.MLP:
-        return [graph.mlp_receiver(node.layer)]
-    assert node.head is not None
-    return [graph.slot_receiver(node.layer, node.head, slot) for slot in SLOTS]
 
 
 __all__ = ["MAX_POSITIONS", "PositionalCircuit", "PositionalEdgeScores", "positional_edge_mask"]
