@@ -153,7 +153,55 @@ def _full_shape(delta: Tensor, K: int, P: int, T: int) -> Tensor:
     return delta.reshape(K * P, T, *delta.shape[3:])
 
 
-class DenseMixer:
+class _MaskMixer:
+    """The shared ``delta`` of ``DenseMixer`` and ``PositionalDenseMixer``: a differentiable sum over
+    the store's blocks, or (no gradient) a sum over the active senders only, taken as ``sum_u D_u -
+    sum_u (1 - M) D_u`` from prefix sums when most entries are set. Subclasses say how one block mixes."""
+
+    mask: Tensor  # [K|1, S, R] or [K|1, S, R, T]
+    store: SenderDeltas
+    T: int
+    differentiable: bool
+
+    def _mix_block(self, D: Tensor, W: Tensor) -> Tensor:
+        """sum_s D[k, p, t, s, :] W[k, s, r(, t)] -> [K, P, T|1, R, d]."""
+        raise NotImplementedError
+
+    def _complement_positions(self, total: Tensor) -> int:
+        """The position count a complement-computed delta ``[K|1, P|1, T|1, 1|R, d]`` is expanded to."""
+        raise NotImplementedError
+
+    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
+        """[K*P, T, R_block, d] for ``receivers`` (their upstream: senders < ``n_upstream``)."""
+        M = self.mask[:, :n_upstream, receivers]  # [K|1, n, Rb(, T)]
+        store = self.store
+        if self.differentiable:
+            total: Tensor | None = None
+            for start, D in store.blocks:
+                stop = min(start + D.shape[3], n_upstream)
+                if stop > start:
+                    part = self._mix_block(D[:, :, :, : stop - start], M[:, start:stop])
+                    total = part if total is None else total + part
+            return None if total is None else _full_shape(total, store.K, store.P, self.T)
+
+        complement = float(M.sum()) > 0.5 * M.numel()
+        W = 1.0 - M if complement else M
+        active = (W != 0).flatten(2).any(dim=2).any(dim=0).nonzero().flatten()  # senders with any entry
+        total = None
+        for where, D in store.gather(active):
+            part = self._mix_block(D, W[:, active[where]])
+            total = part if total is None else total + part
+        if complement:
+            base = store.cumulative(n_upstream)
+            assert base is not None
+            base = base[:, :, :, None, :]  # broadcast over receivers
+            total = base if total is None else base - total
+            R = M.shape[2]
+            total = total.expand(*total.shape[:2], self._complement_positions(total), R, total.shape[4])
+        return None if total is None else _full_shape(total, store.K, store.P, self.T)
+
+
+class DenseMixer(_MaskMixer):
     """Deltas for dense masks ``[S, R]`` (shared) or ``[K, S, R]`` (one per row group)."""
 
     def __init__(self, graph: ComputationGraph, mask: Tensor, store: SenderDeltas, T: int) -> None:
@@ -162,34 +210,11 @@ class DenseMixer:
         self.T = T
         self.differentiable = mask.requires_grad
 
-    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
-        """[K*P, T, R_block, d] for ``receivers`` (their upstream: senders < ``n_upstream``)."""
-        M = self.mask[:, :n_upstream, receivers]  # [K|1, n, Rb]
-        store = self.store
-        if self.differentiable:
-            total = None
-            for start, D in store.blocks:
-                stop = min(start + D.shape[3], n_upstream)
-                if stop > start:
-                    part = _mix(D[:, :, :, : stop - start], M[:, start:stop])
-                    total = part if total is None else total + part
-            return None if total is None else _full_shape(total, store.K, store.P, self.T)
+    def _mix_block(self, D: Tensor, W: Tensor) -> Tensor:
+        return _mix(D, W)
 
-        complement = float(M.sum()) > 0.5 * M.numel()
-        W = 1.0 - M if complement else M
-        active = (W != 0).any(dim=2).any(dim=0).nonzero().flatten()  # senders with any entry
-        total: Tensor | None = None
-        for where, D in store.gather(active):
-            part = _mix(D, W[:, active[where]])
-            total = part if total is None else total + part
-        if complement:
-            base = store.cumulative(n_upstream)
-            assert base is not None
-            base = base[:, :, :, None, :]  # broadcast over receivers
-            total = base if total is None else base - total
-            R = M.shape[2]
-            total = total.expand(*total.shape[:3], R, total.shape[4])
-        return None if total is None else _full_shape(total, store.K, store.P, self.T)
+    def _complement_positions(self, total: Tensor) -> int:
+        return total.shape[2]  # T or 1: ``_full_shape`` broadcasts it
 
 
 def _mix_positional(D: Tensor, W: Tensor) -> Tensor:
@@ -201,7 +226,7 @@ def _mix_positional(D: Tensor, W: Tensor) -> Tensor:
     return torch.einsum("kptsd,ksrt->kptrd", D, W)
 
 
-class PositionalDenseMixer:
+class PositionalDenseMixer(_MaskMixer):
     """Deltas for positional masks ``[S, R, T]`` (shared) or ``[K, S, R, T]`` (one per row group).
 
     Like ``DenseMixer`` but each token position has its own mask column: the delta of receiver ``r``
@@ -215,36 +240,12 @@ class PositionalDenseMixer:
         self.T = T
         self.differentiable = mask.requires_grad
 
-    def delta(self, n_upstream: int, receivers: slice) -> Tensor | None:
-        """[K*P, T, R_block, d] for ``receivers`` (their upstream: senders < ``n_upstream``)."""
-        M = self.mask[:, :n_upstream, receivers]  # [K|1, n, Rb, T]
-        store = self.store
-        if self.differentiable:
-            total = None
-            for start, D in store.blocks:
-                stop = min(start + D.shape[3], n_upstream)
-                if stop > start:
-                    Dx = D[:, :, :, : stop - start].expand(-1, -1, self.T, -1, -1)  # [K|1, P, T, k, d]
-                    part = _mix_positional(Dx, M[:, start:stop])
-                    total = part if total is None else total + part
-            return None if total is None else _full_shape(total, store.K, store.P, self.T)
+    def _mix_block(self, D: Tensor, W: Tensor) -> Tensor:
+        Dx = D.expand(-1, -1, self.T, -1, -1)  # [K|1, P, T, k, d]: ablation values may be shared over positions
+        return _mix_positional(Dx, W)
 
-        complement = float(M.sum()) > 0.5 * M.numel()
-        W = 1.0 - M if complement else M
-        active = (W != 0).flatten(2).any(dim=2).any(dim=0).nonzero().flatten()  # senders with any entry
-        total: Tensor | None = None
-        for where, D in store.gather(active):
-            Dx = D.expand(-1, -1, self.T, -1, -1)  # ablation values may be shared over positions
-            part = _mix_positional(Dx, W[:, active[where]])
-            total = part if total is None else total + part
-        if complement:
-            base = store.cumulative(n_upstream)
-            assert base is not None
-            base = base[:, :, :, None, :]  # broadcast over receivers
-            total = base if total is None else base - total
-            R = M.shape[2]
-            total = total.expand(*total.shape[:2], self.T, R, total.shape[4])
-        return None if total is None else _full_shape(total, store.K, store.P, self.T)
+    def _complement_positions(self, total: Tensor) -> int:
+        return self.T
 
 
 class SparseMixer:
