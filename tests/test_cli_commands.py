@@ -10,35 +10,20 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Any
 
 import networkx as nx
 import pytest
 import torch
-from click.testing import CliRunner, Result
+from click.testing import Result
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from cli.errors import EXIT_BAD_INPUT
-from cli.main import cli
 from graphs.circuit import Circuit
 from graphs.graph import ComputationGraph
 from graphs.io import load_circuit, load_mib_json, save_circuit
+from tests.cli_helpers import ok, ok_json, run
 
 COMMANDS = ("evaluate", "render", "query", "compare", "export")
-
-
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="circuits")
-
-
-def ok(*args: str | Path) -> Result:
-    result = run(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def ok_json(*args: str | Path) -> Any:
-    return json.loads(ok(*args, "--json").stdout)
 
 
 def one_line_error(result: Result, code: int = EXIT_BAD_INPUT) -> str:

@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import networkx as nx
 import pytest
 import torch
-from click.testing import CliRunner, Result
 
 from cli.errors import EXIT_BAD_INPUT
-from cli.main import cli
 from graphs.adapters import build_spec
 from graphs.circuit import Circuit
 from graphs.io import (
@@ -31,21 +28,8 @@ from graphs.io import (
     save_positional_circuit,
 )
 from graphs.positional import PositionalCircuit, PositionalEdgeScores
+from tests.cli_helpers import ok, ok_json, run
 from tests.conftest import make_tiny
-
-
-def run(*args: str | Path) -> Result:
-    return CliRunner().invoke(cli, [str(a) for a in args], prog_name="circuits")
-
-
-def ok(*args: str | Path) -> Result:
-    result = run(*args)
-    assert result.exit_code == 0, (result.stdout, result.stderr)
-    return result
-
-
-def ok_json(*args: str | Path) -> Any:
-    return json.loads(ok(*args, "--json").stdout)
 
 
 def bad(*args: str | Path, match: str) -> str:
