@@ -36,7 +36,14 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=Path("docs/results"))
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads (0: torch's default); use 1 on a shared machine, where a second "
+                        "thread waits on preempted peers")
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
 
     from circuits.pipeline import DiscoverySettings, discover, write_outputs
     from graphs.loading import load_model

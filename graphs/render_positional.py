@@ -17,6 +17,8 @@ import math
 import os
 from dataclasses import dataclass
 
+import torch
+
 from graphs.ids import EdgeId, NodeId, NodeKind
 from graphs.positional import PositionalCircuit
 from graphs.render import (
@@ -59,9 +61,10 @@ def filter_positional(circuit: PositionalCircuit, top: int | None = None, min_sc
         raise ValueError("this circuit has no scores: top / min_score filters need them")
     if top is not None and (isinstance(top, bool) or not isinstance(top, int) or top < 0):
         raise ValueError(f"top must be a non-negative integer, got {top!r}")
-    if min_score is not None and (not math.isfinite(float(min_score)) or min_score < 0):
+    if min_score is not None and (isinstance(min_score, bool) or not math.isfinite(float(min_score)) or min_score < 0):
         raise ValueError(f"min_score must be a finite number >= 0, got {min_score!r}")
     key = circuit.scores.values.abs()
+    key = torch.where(torch.isfinite(key), key, torch.full((), -1.0, dtype=key.dtype))  # NaN / inf rank last
     mask = circuit.in_circuit.clone()
     if min_score is not None:
         mask &= key >= float(min_score)

@@ -373,3 +373,24 @@ def test_cli_discover_positional(tiny_dir, tmp_path) -> None:
     assert "read position" in cdt.output and (tmp_path / "cdt" / "circuit.json").exists()
     bad = CliRunner().invoke(cli, [*args[:-2], "--method", "acdc", "--out", str(tmp_path / "bad")])
     assert bad.exit_code != 0 and "--positional supports" in bad.output
+
+
+def test_positional_drawing_filter_ranks_non_finite_scores_last() -> None:
+    """``--top`` keeps the largest finite |score| first (as the plain filter does); NaN / inf last."""
+    from graphs.graph import ComputationGraph
+    from graphs.positional import PositionalEdgeScores
+    from graphs.render_positional import filter_positional
+
+    g = ComputationGraph(2, 2)
+    values = torch.zeros(g.n_senders, g.n_receivers, 3)
+    real = torch.nonzero(g.edge_mask)
+    (s0, r0), (s1, r1), (s2, r2) = real[0].tolist(), real[1].tolist(), real[2].tolist()
+    values[s0, r0, 1] = float("nan")
+    values[s1, r1, 2] = float("inf")
+    values[s2, r2, 0] = 0.5
+    scores = PositionalEdgeScores(g, values, ("a", "b", "c"))
+    mask = torch.zeros_like(values, dtype=torch.bool)
+    mask[s0, r0, 1] = mask[s1, r1, 2] = mask[s2, r2, 0] = True
+    circuit = PositionalCircuit(g, mask, scores.tokens, scores)
+    shown = filter_positional(circuit, top=1)
+    assert shown.in_circuit.sum() == 1 and bool(shown.in_circuit[s2, r2, 0])
