@@ -469,8 +469,16 @@ def safetensors_bytes(tensors: Mapping[str, Any], metadata: Mapping[str, str]) -
     return len(text).to_bytes(8, "little") + text + raw[8 + n :]
 
 
-def write_outputs(result: DiscoveryResult, out_dir: str | Path, svg: bool = True) -> dict[str, Path]:
+SVG_EDGES = 500  # circuit.svg draws at most this many edges (the strongest, and says so in its title)
+
+
+def write_outputs(
+    result: DiscoveryResult, out_dir: str | Path, svg: bool = True, svg_edges: int = SVG_EDGES
+) -> dict[str, Path]:
     """Write circuit.json, scores.safetensors, curve.json and (with graphviz) circuit.svg.
+
+    A circuit of more than ``svg_edges`` edges is drawn as its ``svg_edges`` strongest edges (by
+    |score|; the drawing's subtitle says how many of how many); the JSON always holds all of them.
 
     All files are first written in full to temporary names in ``out_dir``; only when every one of
     them is complete are they renamed over the old ones. A failure before that point (a bad value,
@@ -497,7 +505,8 @@ def write_outputs(result: DiscoveryResult, out_dir: str | Path, svg: bool = True
         if svg:
             from graphs.render import render
 
-            render(result.circuit, staged["svg"], fmt="svg")
+            top = svg_edges if result.circuit.n_edges > svg_edges else None
+            render(result.circuit, staged["svg"], fmt="svg", top=top)
         umask = os.umask(0)
         os.umask(umask)
         for name, path in staged.items():
@@ -644,7 +653,7 @@ def discover_positional(
     return PositionalDiscoveryResult(settings, circuit, scores, faith, alignment.read_position, timings, spec.d_model)
 
 
-SVG_TOP = 300  # positional drawings show at most this many edges (the strongest)
+SVG_TOP = 300  # positional drawings show at most this many edges (the strongest): T columns need room
 
 
 def write_positional_outputs(result: PositionalDiscoveryResult, out_dir: str | Path, svg: bool = True) -> dict[str, Path]:

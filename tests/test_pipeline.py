@@ -69,3 +69,13 @@ def test_path_search_expands_from_the_logits() -> None:
     assert "a0.h0" in {str(n) for n in result.expanded}
     nonzero = {str(e) for e, s in result.scores.items() if abs(s) > 1e-5}
     assert nonzero == TRUE_PATH
+
+
+def test_large_circuits_are_drawn_as_their_strongest_edges(tiny_dir: Path, tmp_path: Path) -> None:
+    """A circuit too large to draw readably still gets its SVG: the strongest edges, labelled as such."""
+    result = discover(_settings(tiny_dir, method="eap", edges=12, target_faithfulness=None, curve=False))
+    assert result.circuit.n_edges > 5
+    paths = write_outputs(result, tmp_path / "run", svg_edges=5)
+    svg = paths["svg"].read_text()
+    assert f"showing 5 of {result.circuit.n_edges} circuit edges" in svg
+    assert load_circuit(paths["circuit"]).n_edges == result.circuit.n_edges  # the JSON keeps them all
