@@ -34,7 +34,6 @@ import gc
 import json
 import math
 import re
-import resource
 import sys
 import time
 from pathlib import Path
@@ -44,16 +43,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.common import peak_rss_mb  # noqa: E402  (stdlib only: importable from the peers venv)
 from benchmarks.peers.scorefile import write_scores
 
 _HEAD = re.compile(r"^A(\d+)\.(\d+)$")
 _HEAD_SLOT = re.compile(r"^A(\d+)\.(\d+)\.([QKV])$")
 _MLP = re.compile(r"^MLP (\d+)$")
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def our_sender(name: str) -> str:

@@ -6,14 +6,13 @@
 Loads the model and the data, builds the ``Experiment`` (same ids, metric read at the last
 position), then times only the scoring call (``eap(experiment)`` or ``acdc(experiment, tau)``,
 ablation values included, as they are inside auto-circuit's call). Prints one JSON line: seconds,
-peak RSS of this process (``ru_maxrss``) and the RSS peak reached before the call.
+peak RSS of this process (``VmHWM``, via ``benchmarks.common.peak_rss_mb``) and the RSS peak reached before the call.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import sys
 import time
 from pathlib import Path
@@ -22,12 +21,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.common import peak_rss_mb  # noqa: E402  (stdlib only: importable from the peers venv)
 from benchmarks.peers.scorefile import write_scores
-
-
-def peak_rss_mb() -> float:
-    """Peak resident set size of this process so far, in MB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def build_experiment(folder: Path, data: Path, batch: int, metric: str):  # -> Experiment
