@@ -4,7 +4,7 @@
                                      [--repeats 1] [--acdc] [--acdc-prompts 4] [--acdc-tau 1e-4]
                                      [--workdir DIR]
 
-1. Sets up the peers' own virtual environment (``benchmarks/.peers-venv``, gitignored; torch 2.13.0
+1. Sets up the peers' own virtual environment (``<user cache>/causal-circuits/peers/venv``, outside the repository; torch 2.13.0
    first, then auto-circuit 1.0.1, TransformerLens 2.18.0, pyarrow 21.0.0, attrs), once.
 2. Writes the model folders (a seeded random-weight GPT-2, or the cached SmolLM2-135M) and one data
    file of equal-length IOI prompts (same clean / corrupted token ids, answers and wrong answers for

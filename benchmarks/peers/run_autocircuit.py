@@ -1,6 +1,6 @@
 """Child process: auto-circuit's EAP or ACDC on a model folder and a peers data file (peers venv).
 
-    benchmarks/.peers-venv/bin/python benchmarks/peers/run_autocircuit.py --folder DIR \
+    <user cache>/causal-circuits/peers/venv/bin/python benchmarks/peers/run_autocircuit.py --folder DIR \
         --data data.safetensors --out scores.safetensors --method eap --batch 8
 
 Runs in the peers' virtual environment and imports nothing from the project except the score file

@@ -1,6 +1,7 @@
 """The peers' own virtual environment: created on first use, reused afterwards.
 
-The peer stack is never a project dependency. It lives in ``benchmarks/.peers-venv`` (gitignored)
+The peer stack is never a project dependency. It lives under the user cache
+(``.../causal-circuits/peers/venv``, outside the repository, so no tool scanning the tree reads it)
 and is installed in two steps, as ``/work/shared/PEERS.md`` prescribes: ``torch`` first (so the
 resolver keeps the CPU build the machine already has a wheel of), then auto-circuit with the
 TransformerLens release whose API it was written against, plus ``attrs``, which auto-circuit imports
@@ -16,7 +17,13 @@ import sys
 import venv
 from pathlib import Path
 
-VENV = Path(__file__).resolve().parents[1] / ".peers-venv"
+
+
+def default_venv() -> Path:
+    """Where the peers' environment lives: next to the benchmark's other work files, in the user cache."""
+    from graphs.alias_cache import cache_dir
+
+    return cache_dir() / "peers" / "venv"
 
 TORCH = "torch==2.13.0"
 PEERS: tuple[str, ...] = (
@@ -30,8 +37,9 @@ PEERS: tuple[str, ...] = (
 _MARKER = "peers-installed.json"
 
 
-def venv_python(path: Path = VENV) -> Path:
+def venv_python(path: Path | None = None) -> Path:
     """The interpreter of the peers venv at ``path``."""
+    path = path or default_venv()
     return path / "bin" / "python"
 
 
@@ -39,8 +47,9 @@ def _wanted() -> dict[str, object]:
     return {"torch": TORCH, "peers": list(PEERS), "python": sys.version.split()[0]}
 
 
-def is_ready(path: Path = VENV) -> bool:
+def is_ready(path: Path | None = None) -> bool:
     """True when ``path`` holds a venv with exactly the pinned peer stack installed."""
+    path = path or default_venv()
     marker = path / _MARKER
     if not (venv_python(path).exists() and marker.exists()):
         return False
@@ -60,8 +69,9 @@ def _pip(path: Path, args: list[str], log: Path) -> None:
         raise RuntimeError(f"installing {' '.join(args)} into {path} failed; see {log}")
 
 
-def ensure_venv(path: Path = VENV, quiet: bool = False) -> Path:
+def ensure_venv(path: Path | None = None, quiet: bool = False) -> Path:
     """Create the peers venv at ``path`` and install the peers unless already done; its python."""
+    path = path or default_venv()
     if is_ready(path):
         return venv_python(path)
     path.mkdir(parents=True, exist_ok=True)
