@@ -40,3 +40,18 @@ def output_heads(weight: Tensor, n_heads: int, d_head: int) -> Tensor:
 
 def head_bias(bias: Tensor | None, n_heads: int, d_head: int) -> Tensor | None:
     return None if bias is None else bias.detach().view(n_heads, d_head)
+
+
+def split_projections(attn: nn.Module, n_heads: int, n_kv_heads: int, d_head: int) -> dict[str, Tensor | None]:
+    """``W_Q/W_K/W_V`` ([heads, d_head, d]), their biases and ``W_O`` per head, from an HF attention
+    module with separate ``q_proj``, ``k_proj``, ``v_proj`` and ``o_proj`` linears (Llama, Gemma):
+    keyword arguments for ``AttentionSpec`` (views, not copies)."""
+    return {
+        "W_Q": out_major(attn.q_proj.weight, n_heads, d_head),
+        "W_K": out_major(attn.k_proj.weight, n_kv_heads, d_head),
+        "W_V": out_major(attn.v_proj.weight, n_kv_heads, d_head),
+        "b_Q": head_bias(attn.q_proj.bias, n_heads, d_head),
+        "b_K": head_bias(attn.k_proj.bias, n_kv_heads, d_head),
+        "b_V": head_bias(attn.v_proj.bias, n_kv_heads, d_head),
+        "W_O": output_heads(attn.o_proj.weight, n_heads, d_head),
+    }

@@ -24,7 +24,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from graphs.adapters.common import head_bias, out_major, output_heads, rms_norm, rotary_from
+from graphs.adapters.common import rms_norm, rotary_from, split_projections
 from graphs.adapters.spec import (
     AttentionSpec,
     LayerSpec,
@@ -79,13 +79,7 @@ def build(model: PreTrainedModel) -> ModelSpec:
         rotary = own[cfg.layer_types[index]] if gemma3 else shared
         assert rotary is not None
         attn = AttentionSpec(
-            W_Q=out_major(sa.q_proj.weight, H, dh),
-            W_K=out_major(sa.k_proj.weight, H_kv, dh),
-            W_V=out_major(sa.v_proj.weight, H_kv, dh),
-            b_Q=head_bias(sa.q_proj.bias, H, dh),
-            b_K=head_bias(sa.k_proj.bias, H_kv, dh),
-            b_V=head_bias(sa.v_proj.bias, H_kv, dh),
-            W_O=output_heads(sa.o_proj.weight, H, dh),
+            **split_projections(sa, H, H_kv, dh),
             b_O=None,
             scale=float(sa.scaling),
             rotary_dim=_rotary_dim(rotary, like),
