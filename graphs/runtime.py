@@ -41,6 +41,7 @@ from graphs.interventions import (
     SparseEdits,
     SparseMixer,
 )
+from graphs.slot_gradients import slot_probe
 
 __all__ = ["AblationValues", "Checkpoint", "CleanRun", "ReceiverShifts", "RunOutput", "SparseEdits", "run"]
 
@@ -217,6 +218,7 @@ def run(
     keep_receivers: bool = False,
     keep_resid: bool = False,
     observe: Callable[[int, str, Tensor], None] | None = None,
+    on_senders: Callable[[int, Tensor], None] | None = None,
 ) -> RunOutput:
     """Run the DAG on ``input_ids`` [B, T] (right-padded; causal attention makes padding inert).
 
@@ -227,7 +229,10 @@ def run(
     run), on top of any ablation. ``read_positions`` [B]: compute logits only there. ``input_embeddings``
     [B, T, d]: replaces the ``input`` sender's output (integrated gradients). ``start``: resume from
     a clean ``Checkpoint`` of P prompts (rows are K groups of those P prompts; ``input_ids`` only
-    give the shape). ``keep_senders``: every sender's output [B, T, S, d]; ``keep_receivers``: the
+    give the shape). ``keep_senders``: every sender's output [B, T, S, d] (detached);
+    ``on_senders(first, block)``: called with each block of senders' outputs as it is made (detached,
+    [B, T, k, d], senders ``first .. first+k-1``: the input, each layer's heads, each MLP) - e.g. to
+    keep only what a method needs of them; ``keep_receivers``: the
     tensors each receiver read, as separate autograd nodes (for gradients); ``keep_resid``: each
     layer's incoming residual. ``observe(layer, name, tensor)``: sees each layer's q, k, v,
     attention pattern (computed explicitly when observed), per-head outputs and MLP output - e.g.
@@ -263,7 +268,19 @@ def run(
         _check_nothing_before(spec, mask if not positional else mask.movedim(-1, 0), edits, shifts, first)
 
     positions = positions_for(spec, T)
-    sender_blocks: list[Tensor] = []
+    kept: list[Tensor] = []  # the [B, T, S, d] buffer of keep_senders (allocated at the first block)
+
+    def emit(first_sender: int, block: Tensor) -> None:  # block [B, T, k, d]
+        if not (keep_senders or on_senders):
+            return
+        block = block.detach()
+        if keep_senders:
+            if not kept:  # sender-major storage seen as [B, T, S, d]: per-sender rows stay contiguous
+                kept.append(torch.empty(g.n_senders, B, T, d, dtype=block.dtype, device=block.device).permute(1, 2, 0, 3))
+            kept[0][:, :, first_sender : first_sender + block.shape[2]] = block
+        if on_senders is not None:
+            on_senders(first_sender, block)
+
     resids: list[Tensor] = []
     if start is None:
         x_in = embed(spec, input_ids) if input_embeddings is None else input_embeddings  # [B, T, d]
@@ -272,7 +289,7 @@ def run(
         if keep_receivers and torch.is_grad_enabled() and not x_in.requires_grad:
             x_in = x_in.detach().requires_grad_(True)  # a leaf so autograd tracks the run (weights are detached)
         resid = x_in if spec.W_pos is None else x_in + spec.W_pos[:T]  # [B, T, d]
-        sender_blocks.append(x_in[:, :, None, :])
+        emit(0, x_in[:, :, None, :])
         if store is not None:
             store.add(0, x_in[:, :, None, :])
         like = x_in
@@ -299,15 +316,22 @@ def run(
             resids.append(resid)
         # ---- attention: every head reads its own q, k, v input
         delta = None if mixer is None else mixer.delta(g.attention_upstream(layer), g.qkv_receivers(layer))
+        probe = None
         if delta is not None:
             x = resid[:, :, None, :] + delta  # [B, T, 3H, d]
+        elif keep_receivers and torch.is_grad_enabled():
+            # every slot reads the same residual: compute once, per-slot gradients reach the probe
+            x, probe = None, slot_probe(resid, 3 * H)  # probe [B, T, 3H, d]
         elif keep_receivers:
             x = resid[:, :, None, :].expand(B, T, 3 * H, d)
         else:
             x = None
         seen = None if observe is None else functools.partial(observe, layer)
         rotary = rotary_at(layer)
-        if x is None:
+        if probe is not None:
+            qkv_inputs.append(probe)
+            heads = ops.attention_heads(lay.attn, lay.attn_norm, resid, resid, resid, rotary, seen, probe)
+        elif x is None:
             heads = ops.attention_heads(lay.attn, lay.attn_norm, resid, resid, resid, rotary, seen)
         else:
             qkv_inputs.append(x)
@@ -343,8 +367,8 @@ def run(
                 store.add(first_head, heads)
             store.add(first_head + H, mlp_out[:, :, None])
         resid = (resid + attn_out + mlp_out) if g.parallel_residual else (base + mlp_out)
-        if keep_senders:
-            sender_blocks.append(torch.cat((heads, mlp_out[:, :, None]), dim=2))
+        emit(first_head, heads)
+        emit(first_head + H, mlp_out[:, :, None])
 
     if keep_resid:
         resids.append(resid)
@@ -357,7 +381,7 @@ def run(
         logits = unembed(spec, final)  # [B, T, V]
     return RunOutput(
         logits=logits,
-        senders=torch.cat(sender_blocks, dim=2) if keep_senders else None,
+        senders=kept[0] if keep_senders else None,
         receivers=ReceiverInputs(tuple(qkv_inputs), tuple(mlp_inputs), final) if keep_receivers else None,
         resid=torch.stack(resids) if keep_resid else None,
     )
@@ -414,7 +438,8 @@ def clean_run(spec: ModelSpec, input_ids: Tensor, read_positions: Tensor | None 
 @torch.no_grad()
 def sender_outputs(spec: ModelSpec, input_ids: Tensor) -> Tensor:
     """Every sender's output on ``input_ids``: [B, T, S, d] (the cache of a corrupted run)."""
-    out = run(spec, input_ids, keep_senders=True)
+    read = torch.zeros(input_ids.shape[0], dtype=torch.long, device=input_ids.device)  # logits unused: one position
+    out = run(spec, input_ids, keep_senders=True, read_positions=read)
     assert out.senders is not None
     return out.senders
 

@@ -53,8 +53,10 @@ def test_half_products_are_accumulated_in_float32() -> None:
     assert torch.allclose(block.double(), exact, rtol=1e-5, atol=1e-5)
     assert wide(torch.zeros(1, dtype=torch.float16)).dtype == torch.float32
     assert wide(torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
-    rows_out = eap_module._delta_rows(torch.zeros(1, 1, 3, 4, dtype=torch.bfloat16), torch.ones(2, 5, 3, 4).bfloat16())
-    assert rows_out.dtype == torch.float32 and rows_out.shape == (3, 2 * 5 * 4)
+    rows_out = torch.zeros(3, 2 * 5 * 4, dtype=wide(torch.zeros(1, dtype=torch.bfloat16)).dtype)
+    eap_module._fill_rows(rows_out, torch.zeros(1, 1, 3, 4, dtype=torch.bfloat16), 1, torch.ones(2, 5, 2, 4).bfloat16())
+    assert rows_out.dtype == torch.float32
+    assert torch.equal(rows_out[0], torch.zeros(40)) and torch.equal(rows_out[1:], -torch.ones(2, 40))
 
 
 # ----------------------------------------------------------------------------- NaN logits

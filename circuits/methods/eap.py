@@ -43,7 +43,8 @@ they are combined), so every rank returns the whole dataset's scores.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,8 +53,8 @@ from torch import Tensor
 from circuits.checkpoint import BatchProgress, Checkpointer
 from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
-from circuits.positional import check_alignment
 from circuits.numerics import check_finite, score, wide
+from circuits.positional import check_alignment
 from circuits.progress import progress_bar
 from graphs import ops
 from graphs import runtime as rt
@@ -93,22 +94,22 @@ def _refuse_kl(experiment: Experiment, method: str) -> None:
 
 # --------------------------------------------------------------------------- streaming accumulation
 
-DELTA_CHUNK = 16  # senders per chunk when the [S, B*T*d] delta rows are assembled
+def _empty_rows(spec: ModelSpec, B: int, T: int) -> Tensor:
+    """An uninitialised delta-row matrix [S, B*T*d] (float32 for half-precision models)."""
+    dtype = wide(torch.empty((), dtype=spec.dtype)).dtype
+    return torch.empty(spec.graph.n_senders, B * T * spec.d_model, dtype=dtype, device=spec.device)
 
 
-def _delta_rows(ablated: Tensor, senders: Tensor) -> Tensor:
-    """``A - a`` as a contiguous ``[S, B*T*d]`` matrix (float32 for half-precision models), built
-    ``DELTA_CHUNK`` senders at a time so no second ``[B, T, S, d]`` temporary is ever held.
-
-    ``ablated`` [1|B, 1|T, S, d] (the ablation values), ``senders`` [B, T, S, d] (``a``)."""
-    B, T, S, d = senders.shape
-    dtype = wide(torch.empty((), dtype=senders.dtype)).dtype
-    rows = torch.empty(S, B * T * d, dtype=dtype, device=senders.device)
-    for lo in range(0, S, DELTA_CHUNK):
-        hi = min(S, lo + DELTA_CHUNK)
-        diff = ablated[:, :, lo:hi].expand(B, T, hi - lo, d) - senders[:, :, lo:hi]  # [B, T, k, d]
-        rows[lo:hi] = diff.permute(2, 0, 1, 3).reshape(hi - lo, -1)
-    return rows
+def _fill_rows(rows: Tensor, ablated: Tensor, first: int, senders: Tensor) -> None:
+    """Write ``A - a`` of one block of senders (``senders`` [B, T, k, d], the ``a`` of senders
+    ``first..first+k-1``) into their delta rows; ``ablated`` [1|B, 1|T, S, d]."""
+    B, T, k, d = senders.shape
+    A = ablated[:, :, first : first + k].expand(B, T, k, d).permute(2, 0, 1, 3)  # [k, B, T, d]
+    out = rows[first : first + k].view(k, B, T, d)
+    if out.dtype == senders.dtype:
+        torch.sub(A, senders.permute(2, 0, 1, 3), out=out)
+    else:  # half-precision senders: the difference in their precision, then widened
+        out.copy_(A - senders.permute(2, 0, 1, 3))
 
 
 def _prompt_view(rows: Tensor, B: int) -> Tensor:
@@ -116,12 +117,26 @@ def _prompt_view(rows: Tensor, B: int) -> Tensor:
     return rows.view(rows.shape[0], B, -1).transpose(0, 1)
 
 
-def _block_scores(rows: Tensor, grad: Tensor, n_up: int) -> Tensor:
+def _block_scores(rows: Tensor, grad: Tensor, n_up: int, spans: Sequence[int] | None = None) -> Tensor:
     """``sum_{b,t} D[b,t,u] . grad[b,t,r]`` for the first ``n_up`` senders: [n_up, R_block] in float32
-    (or wider); ``grad`` [B, T, R_block, d] or [B, T, d]."""
+    (or wider); ``grad`` [B, T, R_block, d] or [B, T, d].
+
+    ``spans[b]``: prompt b's gradient is zero after its first ``spans[b]`` positions (causal
+    attention: nothing after the read position reaches the metric), so only those positions enter
+    the product - one matrix product per prompt instead of one over the padded batch."""
     grad = grad if grad.dim() == 4 else grad[:, :, None, :]  # [B, T, R_block, d]
-    columns = wide(grad).permute(0, 1, 3, 2).reshape(-1, grad.shape[2])  # [B*T*d, R_block]
-    return rows[:n_up] @ columns.to(rows.dtype)
+    B, T, Rb, d = grad.shape
+    # receiver-major [R_block, B, T, d]: a view when the gradient is laid out receiver-first (the
+    # shared-residual slot gradients are), one copy otherwise
+    columns = wide(grad).permute(2, 0, 1, 3).to(rows.dtype)
+    if spans is None or min(spans) >= T:
+        # this operand order runs ~30 % faster on CPU BLAS than rows @ columns
+        return (columns.reshape(Rb, -1) @ rows[:n_up].T).T
+    D = rows[:n_up].view(n_up, B, T, d)
+    out = torch.zeros(Rb, n_up, dtype=rows.dtype, device=rows.device)
+    for b, n in enumerate(spans):
+        out.addmm_(columns[:, b, :n].reshape(Rb, n * d), D[:, b, :n].reshape(n_up, n * d).T)
+    return out.T
 
 
 POSITION_FLOATS = 2**24  # floats of one positional block product's copy of the deltas (chunked over positions)
@@ -157,10 +172,14 @@ class _ScoreSink:
         self.batch = batch
         self.graph = experiment.spec.graph
         self.scores = scores  # [S, R] (or positional [S, R, T]) float64 accumulator
-        self.block = _positional_block_scores if scores.dim() == 3 else _block_scores
+        if scores.dim() == 3:
+            self.block: Callable[[Tensor, Tensor, int], Tensor] = _positional_block_scores
+        else:
+            spans = (batch.read_positions + 1).tolist()  # positions that can reach the metric
+            self.block = functools.partial(_block_scores, spans=spans)
 
     def attach(self, receivers: rt.ReceiverInputs, rows: Tensor, weight: float) -> None:
-        """Register gradient hooks on every receiver input; ``rows`` [S, B*T*d] from ``_delta_rows``."""
+        """Register gradient hooks on every receiver input; ``rows`` [S, B*T*d] (``_fill_rows``)."""
         g = self.graph
         for layer, (qkv, mlp) in enumerate(zip(receivers.qkv, receivers.mlp, strict=True)):
             self._hook(qkv, rows, g.attention_upstream(layer), g.qkv_receivers(layer), weight)
@@ -195,6 +214,11 @@ def _gradient_pass(
     clean senders for EAP, the interpolated ones for the activation variant). ``weight`` scales this
     pass (1 / (prompts * steps))."""
     spec = experiment.spec
+    sink = None
+    if rows is None:  # A - a with a from this very run: fill the delta rows as the senders are made
+        B, T = batch.clean_ids.shape
+        rows = _empty_rows(spec, B, T)
+        sink = functools.partial(_fill_rows, rows, batch.ablation.values.detach())
     with torch.enable_grad():
         out = rt.run(
             spec,
@@ -204,22 +228,25 @@ def _gradient_pass(
             input_embeddings=input_embeddings,
             read_positions=batch.read_positions,
             keep_receivers=True,
-            keep_senders=rows is None,
+            on_senders=sink,
         )
         assert out.receivers is not None
         receivers, logits = out.receivers, out.logits
-        if rows is None:
-            assert out.senders is not None
-            rows = _delta_rows(batch.ablation.values.detach(), out.senders.detach())
-        del out  # the kept senders are not needed by the backward pass
+        del out
         _ScoreSink(experiment, batch, scores).attach(receivers, rows, weight)
         value = score(experiment, batch, logits).sum()
         value.backward()
 
 
+@torch.no_grad()
 def _clean_rows(spec: ModelSpec, batch: PreparedBatch) -> Tensor:
-    """``A - a`` with ``a`` the clean run's senders, as delta rows [S, B*T*d]."""
-    return _delta_rows(batch.ablation.values, rt.sender_outputs(spec, batch.clean_ids))
+    """``A - a`` with ``a`` the clean run's senders, as delta rows [S, B*T*d] (filled block by block
+    as the clean run makes them: no [B, T, S, d] cache is held)."""
+    B, T = batch.clean_ids.shape
+    rows = _empty_rows(spec, B, T)
+    rt.run(spec, batch.clean_ids, read_positions=batch.read_positions,
+           on_senders=functools.partial(_fill_rows, rows, batch.ablation.values))
+    return rows
 
 
 # --------------------------------------------------------------------------- EAP and EAP-IG
