@@ -1,12 +1,13 @@
 """Our EAP (and ACDC) against auto-circuit's, on the same model and the same prompts.
 
-    python benchmarks/bench_peers.py [--model gpt2-random|smollm2|both] [--prompts 16] [--batch 8]
-                                     [--repeats 1] [--acdc] [--acdc-prompts 4] [--acdc-tau 1e-4]
-                                     [--workdir DIR]
+    python benchmarks/bench_peers.py [--model gpt2-random|gpt2-tiny-random|smollm2|both] [--prompts 16]
+                                     [--batch 8] [--repeats 1] [--acdc] [--acdc-prompts 4]
+                                     [--acdc-tau 1e-5] [--workdir DIR]
 
 1. Sets up the peers' own virtual environment (``<user cache>/causal-circuits/peers/venv``, outside the repository; torch 2.13.0
    first, then auto-circuit 1.0.1, TransformerLens 2.18.0, pyarrow 21.0.0, attrs), once.
-2. Writes the model folders (a seeded random-weight GPT-2, or the cached SmolLM2-135M) and one data
+2. Writes the model folders (a seeded random-weight GPT-2 - ``gpt2-random``: 6 layers, 8 heads, d=256;
+   ``gpt2-tiny-random``: 3 layers, 4 heads, d=128 - or the cached SmolLM2-135M) and one data
    file of equal-length IOI prompts (same clean / corrupted token ids, answers and wrong answers for
    both sides; the metric is the logit difference averaged over prompts, read at the last position).
 3. Runs each side in a fresh child process - ours in this interpreter, auto-circuit in the peers
@@ -15,10 +16,14 @@
 4. Compares: edges each graph lacks, the fitted factor between the scores (auto-circuit's are
    ``-n_batches`` x ours by construction), max relative difference after alignment, Pearson /
    Spearman, top-100 overlap; time and peak-RSS ratios theirs / ours.
-5. With ``--acdc`` (``gpt2-random`` only): ACDC at one threshold with the KL metric on one batch of
-   ``--acdc-prompts`` prompts on both sides (auto-circuit's ACDC uses the first batch of its loader
-   only, and runs one forward pass per edge: about 25 minutes for 16 prompts on a busy 2-core
-   machine): time ratio and circuit overlap.
+5. With ``--acdc`` (random GPT-2 models only): ACDC at one threshold with the KL metric on one batch
+   of ``--acdc-prompts`` prompts on both sides (auto-circuit's ACDC uses the first batch of its loader
+   only, and runs one forward pass per edge: with one thread about 8 s on ``gpt2-tiny-random`` with 4
+   prompts, 3 minutes on ``gpt2-random`` with 2 prompts): time ratio and circuit overlap. auto-circuit visits
+   the edges of one layer in the order of a Python set, which changes from process to process; its
+   child records that order, and our ACDC is run once more in exactly that order
+   (``benchmarks/peers/replay.py``, one evaluation per edge) to show whether the circuits differ
+   only by the visiting order.
 
 Results are merged into ``benchmarks/results/peers.json`` (one entry per model) and printed.
 With ``--repeats n`` every child runs n times, alternating sides; medians are reported.
@@ -99,6 +104,7 @@ def run_pair(method: str, folder: Path, data_file: Path, batch: int, repeats: in
             **records[-1],
             "seconds": statistics.median(r["seconds"] for r in records),
             "seconds_all": [r["seconds"] for r in records],
+            "kept_all": [r.get("kept") for r in records],
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in records),
             "rss_before_call_mb": statistics.median(r["rss_before_call_mb"] for r in records),
         }
@@ -141,7 +147,7 @@ def bench_model(name: str, args: argparse.Namespace, peers_python: Path) -> dict
     check = eap["auto-circuit"].get("tl_vs_project_hf_max_abs_logit_diff")
     if check is None or check > 1e-3:
         print(f"  WARNING: the TransformerLens model differs from the HF model by {check} in the logits", flush=True)
-    if name == "gpt2-random" and args.acdc:
+    if name in data.GPT2_RANDOM_CONFIGS and args.acdc:
         # auto-circuit's ACDC uses only the first batch: give both sides one batch of all its prompts
         acdc_file = workdir / "data" / f"{name}-ioi-n{args.acdc_prompts}-s{args.seed}.safetensors"
         acdc_info = data.write_ioi_data(folder, args.acdc_prompts, acdc_file, seed=args.seed)
@@ -154,8 +160,25 @@ def bench_model(name: str, args: argparse.Namespace, peers_python: Path) -> dict
             "prompts": args.acdc_prompts,
             "runs": acdc, "agreement": compare.circuit_agreement(ours_s, theirs_s, kept_o or set(), kept_t or set()),
             "ratios": ratios(acdc),
+            "ours_in_their_order": replay_their_order(folder, acdc_file, args, peers_python, Path(
+                acdc["auto-circuit"]["scores_file"]), scores_dir / f"{name}-acdc-ours-in-their-order.safetensors"),
         }
     return record
+
+
+def replay_their_order(folder: Path, data_file: Path, args: argparse.Namespace, peers_python: Path,
+                       theirs_file: Path, out: Path) -> dict[str, Any]:
+    """Our ACDC visiting the edges in the order auto-circuit's (last) run recorded, one evaluation
+    per edge; its circuit against auto-circuit's."""
+    print("  acdc ours in auto-circuit's edge order ...", end=" ", flush=True)
+    record = run_side("ours", peers_python, [
+        "--folder", str(folder), "--data", str(data_file), "--out", str(out), "--method", "acdc",
+        "--batch", str(args.acdc_prompts), "--tau", repr(args.acdc_tau), "--metric", "kl", "--order", str(theirs_file)])
+    print(f"{record['seconds']:.2f} s", flush=True)
+    replay_s, kept_r, _ = read_scores(out)
+    theirs_s, kept_t, _ = read_scores(theirs_file)
+    return {"run": {**record, "scores_file": str(out)},
+            "agreement_with_theirs": compare.circuit_agreement(replay_s, theirs_s, kept_r or set(), kept_t or set())}
 
 
 def print_table(results: dict[str, Any], models: list[str]) -> None:
@@ -179,21 +202,28 @@ def print_table(results: dict[str, Any], models: list[str]) -> None:
             r = results[m]["acdc"]
             a, o, t = r["agreement"], r["runs"]["ours"], r["runs"]["auto-circuit"]
             print(f"\nACDC on {m} (tau {r['tau']:g}, KL): kept ours {a['kept_ours']}, theirs {a['kept_theirs']},"
-                  f" both {a['kept_both']}, Jaccard {a['jaccard']:.3f}; time ours {o['seconds']:.2f} s,"
+                  f" both {a['kept_both']}, Jaccard {a['jaccard']:.3f}, precision {a['precision']:.3f},"
+                  f" recall {a['recall']:.3f}; time ours {o['seconds']:.2f} s,"
                   f" theirs {t['seconds']:.2f} s, ratio {r['ratios']['time']:.2f};"
-                  f" peak RSS ratio {r['ratios']['peak_rss']:.2f}")
+                  f" peak RSS ours {o['peak_rss_mb']:.0f} MB, theirs {t['peak_rss_mb']:.0f} MB,"
+                  f" ratio {r['ratios']['peak_rss']:.2f}")
+            if "ours_in_their_order" in r:
+                a = r["ours_in_their_order"]["agreement_with_theirs"]
+                print(f"  ours in auto-circuit's edge order: kept {a['kept_ours']}, theirs {a['kept_theirs']},"
+                      f" both {a['kept_both']}, Jaccard {a['jaccard']:.3f}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", choices=("gpt2-random", "smollm2", "both"), default="gpt2-random")
+    parser.add_argument("--model", choices=(*data.MODELS, "both"), default="gpt2-random")
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="child runs per side (medians are reported)")
-    parser.add_argument("--acdc", action="store_true", help="also compare ACDC (gpt2-random only; slow)")
+    parser.add_argument("--acdc", action="store_true", help="also compare ACDC (random GPT-2 models only)")
     parser.add_argument("--acdc-prompts", type=int, default=4, help="prompts (one batch) for ACDC")
-    parser.add_argument("--acdc-tau", type=float, default=1e-4)
+    parser.add_argument("--acdc-tau", type=float, default=1e-5,
+                        help="ACDC threshold on KL (1e-4 keeps a circuit no better than the empty one)")
     parser.add_argument("--workdir", type=Path, default=None, help="models, data and score files")
     parser.add_argument("--setup-only", action="store_true", help="only create the peers venv")
     args = parser.parse_args()

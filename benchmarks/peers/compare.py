@@ -83,7 +83,10 @@ def eap_agreement(ours: dict[str, float], theirs: dict[str, float], n_batches: i
 def circuit_agreement(
     ours: dict[str, float], theirs: dict[str, float], kept_ours: set[str], kept_theirs: set[str]
 ) -> dict[str, Any]:
-    """Overlap of two circuits (sets of kept edges), restricted to the edges both graphs have."""
+    """Overlap of two circuits (sets of kept edges), restricted to the edges both graphs have.
+
+    ``precision`` and ``recall`` take auto-circuit's circuit as the reference: the fraction of our
+    kept edges it keeps too, and the fraction of its kept edges we keep (1.0 when the set is empty)."""
     common = set(ours) & set(theirs)
     a, b = kept_ours & common, kept_theirs & common
     union = a | b
@@ -95,6 +98,8 @@ def circuit_agreement(
         "kept_only_ours": len(a - b),
         "kept_only_theirs": len(b - a),
         "jaccard": len(a & b) / len(union) if union else 1.0,
+        "precision": len(a & b) / len(a) if a else 1.0,
+        "recall": len(a & b) / len(b) if b else 1.0,
         "kept_only_ours_examples": sorted(a - b)[:10],
         "kept_only_theirs_examples": sorted(b - a)[:10],
     }

@@ -4,6 +4,8 @@ Models are plain Hugging Face folders, so both stacks load the same weights:
 
 - ``gpt2-random``: a GPT-2 (6 layers, 8 heads, d=256) with seeded random weights and the SmolLM2
   tokenizer, written with ``save_pretrained`` under the work directory (no download);
+- ``gpt2-tiny-random``: the same recipe at 3 layers, 4 heads, d=128 (262 edges instead of 3,628),
+  small enough for auto-circuit's one-forward-pass-per-edge ACDC to finish in minutes;
 - ``smollm2``: the float32 cache folder of the ``smollm2-135m`` alias (built from its PyPI wheel on
   first use, see ``graphs.alias_cache``).
 
@@ -24,11 +26,24 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+# Random-weight GPT-2 models: name -> GPT2Config sizes and the torch seed of the initialisation
+GPT2_RANDOM_CONFIGS: dict[str, dict[str, int]] = {
+    "gpt2-random": {"n_layer": 6, "n_head": 8, "n_embd": 256, "n_positions": 256, "seed": 0},
+    "gpt2-tiny-random": {"n_layer": 3, "n_head": 4, "n_embd": 128, "n_positions": 256, "seed": 0},
+}
+GPT2_RANDOM = GPT2_RANDOM_CONFIGS["gpt2-random"]
+
+
+def _describe_gpt2(name: str) -> str:
+    c = GPT2_RANDOM_CONFIGS[name]
+    return (f"GPT-2 architecture, {c['n_layer']} layers, {c['n_head']} heads, d_model {c['n_embd']},"
+            f" seeded random weights (seed {c['seed']}), SmolLM2 tokenizer")
+
+
 MODELS: dict[str, str] = {
-    "gpt2-random": "GPT-2 architecture, 6 layers, 8 heads, d_model 256, seeded random weights, SmolLM2 tokenizer",
+    **{name: _describe_gpt2(name) for name in GPT2_RANDOM_CONFIGS},
     "smollm2": "SmolLM2-135M (alias smollm2-135m, float32 cache folder)",
 }
-GPT2_RANDOM = {"n_layer": 6, "n_head": 8, "n_embd": 256, "n_positions": 256, "seed": 0}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
 
@@ -39,37 +54,51 @@ def smollm2_folder() -> Path:
     return Path(ensure_alias("smollm2-135m", progress=False))
 
 
-def gpt2_random_folder(workdir: Path) -> Path:
-    """A random-weight GPT-2 saved with ``save_pretrained`` under ``workdir`` (built once)."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+def gpt2_random_tag(name: str) -> str:
+    """The folder name of random GPT-2 ``name``: its sizes and seed (``gpt2-random-l6-h8-d256-s0``)."""
+    c = GPT2_RANDOM_CONFIGS[name]
+    return f"{name}-l{c['n_layer']}-h{c['n_head']}-d{c['n_embd']}-s{c['seed']}"
 
-    tag = f"gpt2-random-l{GPT2_RANDOM['n_layer']}-h{GPT2_RANDOM['n_head']}-d{GPT2_RANDOM['n_embd']}-s{GPT2_RANDOM['seed']}"
-    folder = workdir / "models" / tag
+
+def gpt2_random_config(name: str, vocab_size: int, bos_token_id: int | None, eos_token_id: int | None):  # -> GPT2Config
+    """The ``GPT2Config`` of random GPT-2 ``name`` for a tokenizer of ``vocab_size`` tokens."""
+    from transformers import GPT2Config
+
+    c = GPT2_RANDOM_CONFIGS[name]
+    return GPT2Config(
+        vocab_size=vocab_size,
+        n_layer=c["n_layer"],
+        n_head=c["n_head"],
+        n_embd=c["n_embd"],
+        n_positions=c["n_positions"],
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+    )
+
+
+def gpt2_random_folder(workdir: Path, name: str = "gpt2-random") -> Path:
+    """Random-weight GPT-2 ``name`` saved with ``save_pretrained`` under ``workdir`` (built once)."""
+    from transformers import AutoTokenizer, GPT2LMHeadModel
+
+    c = GPT2_RANDOM_CONFIGS[name]
+    folder = workdir / "models" / gpt2_random_tag(name)
     if (folder / "config.json").exists() and (folder / "model.safetensors").exists():
         return folder
     source = smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(source)
-    torch.manual_seed(GPT2_RANDOM["seed"])
-    config = GPT2Config(
-        vocab_size=len(tokenizer),
-        n_layer=GPT2_RANDOM["n_layer"],
-        n_head=GPT2_RANDOM["n_head"],
-        n_embd=GPT2_RANDOM["n_embd"],
-        n_positions=GPT2_RANDOM["n_positions"],
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    torch.manual_seed(c["seed"])
+    config = gpt2_random_config(name, len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
     model = GPT2LMHeadModel(config).eval()
     tmp = folder.with_name(folder.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     # transformers 5 no longer writes GPT-2's ``n_ctx``; TransformerLens 2.18 (on transformers 4) reads it
     saved = json.loads((tmp / "config.json").read_text())
-    saved.setdefault("n_ctx", GPT2_RANDOM["n_positions"])
+    saved.setdefault("n_ctx", c["n_positions"])
     (tmp / "config.json").write_text(json.dumps(saved, indent=2))
-    for name in _TOKENIZER_FILES:  # the tokenizer files as they are (no re-serialisation)
-        if (source / name).exists():
-            shutil.copy(source / name, tmp / name)
+    for file in _TOKENIZER_FILES:  # the tokenizer files as they are (no re-serialisation)
+        if (source / file).exists():
+            shutil.copy(source / file, tmp / file)
     shutil.rmtree(folder, ignore_errors=True)
     tmp.rename(folder)
     return folder
@@ -77,8 +106,8 @@ def gpt2_random_folder(workdir: Path) -> Path:
 
 def model_folder(name: str, workdir: Path) -> Path:
     """The HF folder of benchmark model ``name`` (see ``MODELS``)."""
-    if name == "gpt2-random":
-        return gpt2_random_folder(workdir)
+    if name in GPT2_RANDOM_CONFIGS:
+        return gpt2_random_folder(workdir, name)
     if name == "smollm2":
         return smollm2_folder()
     raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")

@@ -19,6 +19,8 @@ helper (torch + safetensors only). Steps:
    answer_function="avg_diff", mask_val=0.0)`` (equal to its edge attribution patching); ACDC is
    ``acdc_prune_scores`` at one threshold with the KL target (auto-circuit's ACDC uses the first batch
    of the loader only).
+   For ACDC the order in which it will visit the edges is recorded (``visit_order`` in the score
+   file's metadata): within a layer it is the order of a Python set and changes between processes.
 4. Map auto-circuit's names to ours (``Resid Start`` -> ``input``, ``A3.1`` -> ``a3.h1``, ``MLP 2``
    -> ``m2``, ``A3.1.Q`` -> ``a3.h1<q>``, ``Resid End`` -> ``logits``) and write the score file.
 
@@ -152,6 +154,15 @@ def main() -> None:
     loader = PromptDataLoader(dataset, seq_len=None, diverge_idx=0, batch_size=args.batch, shuffle=False)
     before = peak_rss_mb()
     extra: dict[str, Any] = {}
+    meta = {"side": "auto-circuit", "method": args.method}
+    if args.method == "acdc":
+        # The order acdc_prune_scores visits the edges in: by receiver layer, within a layer that of
+        # the set model.edges, which changes between processes (hash(None) is an address before
+        # Python 3.12); the same set object in this process gives the same order as inside the call.
+        meta["visit_order"] = "\n".join(
+            f"{our_sender(e.src.name)}->{our_receiver(e.dest.name)}"
+            for e in sorted(model.edges, key=lambda x: x.dest.layer, reverse=True)
+        )
     start = time.perf_counter()
     if args.method == "eap":
         from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
@@ -177,7 +188,7 @@ def main() -> None:
             kept.add(ours)
             value = 0.0
         scores[ours] = value
-    write_scores(args.out, scores, {"side": "auto-circuit", "method": args.method}, kept)
+    write_scores(args.out, scores, meta, kept)
     print(json.dumps({"side": "auto-circuit", "method": args.method, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                       "rss_before_call_mb": before, "edges": len(scores), "kept": None if kept is None else len(kept),
                       "tl_vs_hf_max_abs_logit_diff": tl_diff,

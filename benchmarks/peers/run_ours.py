@@ -5,7 +5,9 @@
 
 Loads the model and the data, builds the ``Experiment`` (same ids, metric read at the last
 position), then times only the scoring call (``eap(experiment)`` or ``acdc(experiment, tau)``,
-ablation values included, as they are inside auto-circuit's call). Prints one JSON line: seconds,
+ablation values included, as they are inside auto-circuit's call). With ``--order FILE`` (a score
+file of auto-circuit's ACDC) ACDC instead visits the edges in the order recorded there, one
+evaluation per edge (``benchmarks/peers/replay.py``). Prints one JSON line: seconds,
 peak RSS of this process (``VmHWM``, via ``benchmarks.common.peak_rss_mb``) and the RSS peak reached before the call.
 """
 
@@ -22,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from benchmarks.common import peak_rss_mb  # noqa: E402  (stdlib only: importable from the peers venv)
-from benchmarks.peers.scorefile import write_scores
+from benchmarks.peers.scorefile import read_scores, write_scores
 
 
 def build_experiment(folder: Path, data: Path, batch: int, metric: str):  # -> Experiment
@@ -58,6 +60,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--metric", default="logit_diff")
     p.add_argument("--tau", type=float, default=0.0)
+    p.add_argument("--order", type=Path, help="ACDC: replay the edge order recorded in this score file")
     args = p.parse_args()
 
     _, exp = build_experiment(args.folder, args.data, args.batch, args.metric)
@@ -70,6 +73,15 @@ def main() -> None:
         from circuits.methods.eap import eap
 
         result = eap(exp)
+    elif args.order is not None:
+        from benchmarks.peers.replay import replay_acdc
+        from graphs.scores import EdgeScores
+
+        order = read_scores(args.order)[2]["visit_order"].split("\n")
+        rep = replay_acdc(exp, args.tau, order)
+        result = EdgeScores(g, rep.scores, "acdc-replay", {"tau": args.tau})
+        kept = {str(g.edge_id(int(s), int(r))) for s, r in torch.nonzero(rep.kept).tolist()}
+        extra = {"metric_circuit": rep.metric, "evaluations": rep.evaluations, "order_from": str(args.order)}
     else:
         from circuits.methods.acdc import acdc
 
@@ -81,8 +93,9 @@ def main() -> None:
     seconds = time.perf_counter() - start
     values = result.flat().tolist()
     scores = {str(e): v for e, v in zip(g.edges(), values, strict=True)}
-    write_scores(args.out, scores, {"side": "ours", "method": args.method}, kept)
-    print(json.dumps({"side": "ours", "method": args.method, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+    method = args.method if args.order is None else "acdc-replay"
+    write_scores(args.out, scores, {"side": "ours", "method": method}, kept)
+    print(json.dumps({"side": "ours", "method": method, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
                       "rss_before_call_mb": before, "edges": g.n_edges, "kept": None if kept is None else len(kept),
                       "threads": torch.get_num_threads(), **extra}))
 
