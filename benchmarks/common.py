@@ -18,6 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from graphs.hugepages import enable_transparent_hugepages
+
+enable_transparent_hugepages()  # every benchmark process (ours and the peers' children) alike
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 

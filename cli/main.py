@@ -40,6 +40,9 @@ for _command in COMMANDS:
 
 def main() -> None:
     """Console-script entry point."""
+    from graphs.hugepages import enable_transparent_hugepages
+
+    enable_transparent_hugepages()  # before torch's first large allocation (see graphs/hugepages.py)
     cli(prog_name="circuits")
 
 

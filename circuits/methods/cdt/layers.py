@@ -29,7 +29,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from circuits.methods.cdt import rules
@@ -61,7 +60,7 @@ class SlotBetas:
 def _project(x: Tensor, W: Tensor) -> Tensor:
     """``x`` [..., d] times every head's projection ``W`` [Hw, d_head, d] -> [..., Hw, d_head] (no bias)."""
     Hw, dh, d = W.shape
-    return F.linear(x, W.reshape(Hw * dh, d)).view(*x.shape[:-1], Hw, dh)
+    return rules.matmul_rows(x, W.reshape(Hw * dh, d)).view(*x.shape[:-1], Hw, dh)
 
 
 def _flat(x: Tensor) -> Tensor:
@@ -278,16 +277,16 @@ def decompose_mlp(
     """MLP output decomposed: ``(beta [S, P, T, d] or None, total [P, T, d])`` from its input parts."""
     rule = config.bias
     xn = ops.apply_norm(norm, total)
-    pre_lin = F.linear(xn, spec.W_in)
+    pre_lin = rules.matmul_rows(xn, spec.W_in)
     pre = pre_lin if spec.b_in is None else pre_lin + spec.b_in
     act = spec.act(pre)
     if spec.W_up is not None:
-        up_lin = F.linear(xn, spec.W_up)
+        up_lin = rules.matmul_rows(xn, spec.W_up)
         up = up_lin if spec.b_up is None else up_lin + spec.b_up
         hidden = act * up
     else:
         hidden = act
-    out_lin = F.linear(hidden, spec.W_out)
+    out_lin = rules.matmul_rows(hidden, spec.W_out)
     out = out_lin if spec.b_out is None else out_lin + spec.b_out
     if beta is None:
         return None, out

@@ -122,9 +122,19 @@ def bias_share(lin_beta: Tensor, lin_total: Tensor, bias: Tensor | None, rule: B
     return lin_beta + bias * share
 
 
+def matmul_rows(x: Tensor, weight: Tensor) -> Tensor:
+    """``F.linear(x, weight)`` (no bias) for ``x`` of any rank, as *one* matrix product over all
+    leading dimensions with a contiguous result. ``F.linear`` on a non-contiguous input of rank > 2
+    (the trimmed, per-source parts of a pass) falls back to a batched product with the weight
+    broadcast per row block: several times slower, with a strided result that slows every
+    element-wise rule after it."""
+    flat = x.reshape(-1, x.shape[-1])  # copies only when x is not contiguous
+    return F.linear(flat, weight).view(*x.shape[:-1], weight.shape[0])
+
+
 def linear(beta: Tensor, weight: Tensor, bias: Tensor | None, lin_total: Tensor, rule: BiasRule) -> Tensor:
     """Relevant part of ``F.linear(x, weight, bias)``; ``lin_total = F.linear(total, weight)`` (no bias)."""
-    return bias_share(F.linear(beta, weight), lin_total, bias, rule)
+    return bias_share(matmul_rows(beta, weight), lin_total, bias, rule)
 
 
 def normalize_signs(beta: Tensor, total: Tensor) -> Tensor:
