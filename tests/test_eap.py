@@ -10,6 +10,7 @@ from scipy.stats import spearmanr
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from circuits.experiment import Experiment
+import circuits.methods.eap as eap_module
 from circuits.metrics import make_metric
 from circuits.methods.eap import AttributionError, alphas, atp_estimates, atp_star, eap, eap_ig
 from circuits.methods.patching import edge_patching
@@ -78,7 +79,11 @@ def test_qk_fix_reduces_to_eap_near_the_clean_point(name: str) -> None:
     assert not torch.equal(fixed, linear)
 
 
-def test_eap_equals_autograd_through_the_mask() -> None:
+@pytest.mark.parametrize("fused", [1, 5, 10_000])
+def test_eap_equals_autograd_through_the_mask(fused: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever number of receiver gradients are gathered into one product (one block at a time,
+    blocks split across layers, all at once), EAP is the gradient through the edge mask."""
+    monkeypatch.setattr(eap_module, "FUSED_RECEIVERS", fused)
     exp = _experiment("qwen2-bias", dtype=torch.float64)
     g = exp.spec.graph
     mask = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.float64, requires_grad=True)

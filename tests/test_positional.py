@@ -8,6 +8,7 @@ import torch
 
 from circuits.evaluate import faithfulness, positional_faithfulness, reference_metrics
 from circuits.experiment import Experiment
+import circuits.methods.eap as eap_module
 from circuits.methods.eap import eap, eap_ig, positional_eap, positional_eap_ig
 from circuits.methods.patching import PatchingError, positional_edge_patching
 from circuits.metrics import make_metric
@@ -119,7 +120,9 @@ def test_positional_eap_sums_to_eap(name: str) -> None:
         assert float((pos_ig - plain_ig).norm() / plain_ig.norm()) < 1e-6
 
 
-def test_positional_eap_equals_autograd_through_a_positional_mask() -> None:
+@pytest.mark.parametrize("fused", [1, 10_000])
+def test_positional_eap_equals_autograd_through_a_positional_mask(fused: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(eap_module, "FUSED_RECEIVERS", fused)
     exp = _experiment("qwen2-bias", dtype=torch.float64)
     g = exp.spec.graph
     mask = torch.zeros(g.n_senders, g.n_receivers, T, dtype=torch.float64, requires_grad=True)
