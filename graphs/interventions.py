@@ -139,8 +139,11 @@ class SenderDeltas:
 
 
 def _mix(D: Tensor, W: Tensor) -> Tensor:
-    """sum_s D[k, p, t, s, :] W[k, s, r] -> [K, P, T, R, d], without copying broadcast groups."""
+    """sum_s D[k, p, t, s, :] W[k, s, r] -> [K|1, P, T, R, d], without copying broadcast groups
+    (K = 1 when neither the deltas nor the weights differ between groups)."""
     if D.shape[0] == 1 and W.shape[0] > 1:
+        if not W.requires_grad and bool((W == W[:1]).all()):  # the same mask in every group (e.g. ACDC away from the tried receiver)
+            return torch.einsum("ptsd,sr->ptrd", D[0], W[0])[None]  # [1, P, T, R, d]: broadcast by the caller
         return torch.einsum("ptsd,ksr->kptrd", D[0], W)
     if W.shape[0] == 1:
         return torch.einsum("kptsd,sr->kptrd", D, W[0])
@@ -151,6 +154,19 @@ def _full_shape(delta: Tensor, K: int, P: int, T: int) -> Tensor:
     """[K|1, P|1, T|1, R, d] -> [K*P, T, R, d]."""
     delta = delta.expand(K, P, T, *delta.shape[3:])
     return delta.reshape(K * P, T, *delta.shape[3:])
+
+
+def _merged(groups: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """``SenderDeltas.gather``'s per-block groups joined along the sender axis wherever their shapes
+    allow (blocks shared by every mask group, then per-group blocks): one mixing product per kind
+    instead of one per block, and fewer full-size partial deltas to add up."""
+    kinds: dict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = {}
+    for where, D in groups:
+        kinds.setdefault((*D.shape[:3], D.shape[4]), []).append((where, D))
+    return [
+        parts[0] if len(parts) == 1 else (torch.cat([w for w, _ in parts]), torch.cat([D for _, D in parts], dim=3))
+        for parts in kinds.values()
+    ]
 
 
 class _MaskMixer:
@@ -188,7 +204,7 @@ class _MaskMixer:
         W = 1.0 - M if complement else M
         active = (W != 0).flatten(2).any(dim=2).any(dim=0).nonzero().flatten()  # senders with any entry
         total = None
-        for where, D in store.gather(active):
+        for where, D in _merged(store.gather(active)):
             part = self._mix_block(D, W[:, active[where]])
             total = part if total is None else total + part
         if complement:

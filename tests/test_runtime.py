@@ -240,6 +240,33 @@ def test_grid_masks_equal_separate_runs() -> None:
             assert torch.allclose(grid[k], alone, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel"])
+def test_acdc_shaped_grids_equal_separate_runs(name: str) -> None:
+    """ACDC's grids: K masks equal everywhere but in one receiver's column, resumed at its layer.
+    The mixer then mixes the shared prefix's deltas once for all groups and joins blocks into one
+    product; each group must still equal its own run."""
+    spec = _spec(name)
+    g = spec.graph
+    P, K, layer = 2, 4, 1
+    ids, corrupted = random_ids(P, 7, seed=19), random_ids(P, 7, seed=20)
+    values = rt.corrupted_values(spec, corrupted)
+    clean = rt.clean_run(spec, ids)
+    gen = torch.Generator().manual_seed(4)
+    first = g.qkv_receivers(layer).start
+    for density in (0.1, 0.9):  # direct sums and complement sums
+        base = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < density).float() * g.edge_mask
+        base[:, :first] = 0
+        r = g.qkv_receivers(layer).start + 1  # the receiver whose edges the groups try
+        masks = base.repeat(K, 1, 1)
+        for k in range(K):
+            masks[k, : g.n_upstream[r], r] = (torch.rand(g.n_upstream[r], generator=gen) < 0.5).float()
+        with torch.no_grad():
+            grid = rt.run(spec, ids.repeat(K, 1), mask=masks, ablation=values, start=clean.at(spec, layer)).logits
+            for k in range(K):
+                alone = rt.run(spec, ids, mask=masks[k], ablation=values).logits
+                assert torch.allclose(grid[k * P : (k + 1) * P], alone, atol=1e-5), (density, k)
+
+
 def test_sparse_edits_equal_one_hot_masks() -> None:
     spec = _spec("llama-gqa")
     g = spec.graph
