@@ -130,10 +130,34 @@ def qkv(
             k = k + (spec.b_K if head_of is None else spec.b_K[head_of])
         if spec.b_V is not None:
             v = v + (spec.b_V if head_of is None else spec.b_V[head_of])
+    elif x_q is x_k is x_v:  # one shared input: normalise it once
+        xn = apply_norm(norm, x_q)
+        q = _project(xn, spec.W_Q, spec.b_Q, None)
+        k = _project(xn, spec.W_K, spec.b_K, head_of)
+        v = _project(xn, spec.W_V, spec.b_V, head_of)
     else:
         q = _project(apply_norm(norm, x_q), spec.W_Q, spec.b_Q, None)
         k = _project(apply_norm(norm, x_k), spec.W_K, spec.b_K, head_of)
         v = _project(apply_norm(norm, x_v), spec.W_V, spec.b_V, head_of)
+    q, k = _finish_queries_and_keys(spec, q, k, rotary)
+    return q, k, v
+
+
+def queries_and_keys(spec: AttentionSpec, norm: NormSpec, x: Tensor, rotary: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+    """``qkv``'s queries and keys from one shared residual ``x`` [B, T, d], without the values:
+    [B, T, H, d_head] each (keys repeated for the query heads that share them). For methods that
+    recompute attention patterns only (AtP*'s QK fix)."""
+    head_of = None if spec.kv_group == 1 else torch.arange(spec.n_heads, device=spec.W_Q.device) // spec.kv_group
+    xn = apply_norm(norm, x)
+    q = _project(xn, spec.W_Q, spec.b_Q, None)
+    k = _project(xn, spec.W_K, spec.b_K, head_of)
+    return _finish_queries_and_keys(spec, q, k, rotary)
+
+
+def _finish_queries_and_keys(
+    spec: AttentionSpec, q: Tensor, k: Tensor, rotary: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor]:
+    """Per-head q / k norms (Gemma 3) and rotary embeddings, after the projections."""
     if spec.q_norm is not None:
         q = apply_norm(spec.q_norm, q)
     if spec.k_norm is not None:
@@ -142,7 +166,7 @@ def qkv(
         cos, sin = rotary
         q = apply_rotary(q, cos, sin)
         k = apply_rotary(k, cos, sin)
-    return q, k, v
+    return q, k
 
 
 def attention_scores(spec: AttentionSpec, q: Tensor, k: Tensor) -> Tensor:

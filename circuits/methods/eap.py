@@ -588,7 +588,7 @@ def _apply_qk_fix(
             U = hi - lo
             deltas = rows[lo:hi].view(U, B, T, d).to(x.dtype)  # senders lo..hi-1: [U, B, T, d]
             patched = (x[None] + deltas).reshape(U * B, T, -1)  # [U*B, T, d]
-            q_new, k_new, _ = ops.qkv(lay.attn, lay.attn_norm, patched, patched, patched, rotary)  # [U*B, T, H, dh]
+            q_new, k_new = ops.queries_and_keys(lay.attn, lay.attn_norm, patched, rotary)  # [U*B, T, H, dh]
             for start, new_pattern in (
                 (q_start, ops.attention_pattern(lay.attn, q_new, k0.repeat(U, 1, 1, 1))),
                 (k_start, ops.attention_pattern(lay.attn, q0.repeat(U, 1, 1, 1), k_new)),
