@@ -9,11 +9,18 @@ import torch
 from scipy.stats import spearmanr
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from circuits.experiment import Experiment
 import circuits.methods.eap as eap_module
-from circuits.metrics import make_metric
-from circuits.methods.eap import AttributionError, alphas, atp_estimates, atp_star, eap, eap_ig
+from circuits.experiment import Experiment
+from circuits.methods.eap import (
+    AttributionError,
+    alphas,
+    atp_estimates,
+    atp_star,
+    eap,
+    eap_ig,
+)
 from circuits.methods.patching import edge_patching
+from circuits.metrics import make_metric
 from circuits.tasks.base import TokenizedTask
 from graphs import runtime as rt
 from graphs.adapters import build_spec

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+import circuits.methods.eap as eap_module
 from circuits.evaluate import faithfulness, positional_faithfulness, reference_metrics
 from circuits.experiment import Experiment
-import circuits.methods.eap as eap_module
 from circuits.methods.eap import eap, eap_ig, positional_eap, positional_eap_ig
 from circuits.methods.patching import PatchingError, positional_edge_patching
 from circuits.metrics import make_metric
@@ -273,12 +273,12 @@ def test_positional_json_round_trip_and_hostile_files(tmp_path) -> None:
     from graphs.io import (
         CircuitFileError,
         load_circuit,
+        load_mib_json,
         load_positional_circuit,
         positional_circuit_from_dict,
         positional_circuit_to_dict,
         save_positional_circuit,
         save_positional_mib_json,
-        load_mib_json,
     )
 
     pc = _scored_circuit()
@@ -337,7 +337,13 @@ def test_positional_svg_has_token_columns_escaped(tmp_path) -> None:
 
 
 def test_discover_positional_writes_a_positional_circuit(tiny_dir, tmp_path) -> None:
-    from circuits.pipeline import DiscoveryError, DiscoverySettings, PositionalDiscoveryResult, discover, run
+    from circuits.pipeline import (
+        DiscoveryError,
+        DiscoverySettings,
+        PositionalDiscoveryResult,
+        discover,
+        run,
+    )
     from graphs.io import load_positional_circuit
 
     base = {"model": str(tiny_dir), "task": "ioi", "n_prompts": 8, "batch_size": 4, "positional": True}
