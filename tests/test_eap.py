@@ -190,6 +190,24 @@ def test_atp_star_recovers_a_saturated_key_effect() -> None:
     assert fixed * exact > 0 and abs(fixed - exact) < 0.5 * abs(exact)  # the QK fix recovers it
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_grad_drop_passes_share_the_qk_fix_in_any_grouping(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The QK fix recomputes each pattern once for a group of GradDrop passes; every grouping (one
+    pass at a time - the plain algorithm -, pairs, all at once) gives the same estimates."""
+    exp = _experiment(name)
+    g = exp.spec.graph
+    T = exp.task.max_length
+    per_drop = g.n_layers * 3 * g.n_heads * T * T  # pattern gradients of one pass (3 prompts per batch)
+    results = []
+    for floats in (1, 2 * per_drop, 10**12):
+        monkeypatch.setattr(eap_module, "QK_FIX_FLOATS", floats)
+        results.append(atp_estimates(exp).double())
+    assert results[0].shape[0] == 1 + g.n_layers
+    scale = results[0].abs().max()
+    for other in results[1:]:
+        assert float((other - results[0]).abs().max() / scale) < 1e-5
+
+
 def test_qk_fix_is_exact_when_the_rest_is_linear_in_the_pattern() -> None:
     """Unsaturated, low gain: the QK-fixed estimate tracks the exact effect closely."""
     exp = Experiment(build_spec(_saturated_model(1.0)), _saturated_task(), make_metric("logit_diff"))

@@ -496,6 +496,9 @@ def _own_layer_mask(g: ComputationGraph) -> Tensor:
     return own
 
 
+QK_FIX_FLOATS = 2**27  # pattern gradients kept per group of GradDrop passes (512 MiB of float32)
+
+
 def _atp_batch(
     experiment: Experiment,
     batch: PreparedBatch,
@@ -521,19 +524,35 @@ def _atp_batch(
         value = score(experiment, batch, out.logits).sum()
         inputs = out.receivers.as_list()
         patterns = [trace.pattern[layer] for layer in range(g.n_layers)]
-        for i, drop in enumerate(drops):
-            dropped["layer"] = drop
-            grads = torch.autograd.grad(value, inputs + patterns, retain_graph=i < len(drops) - 1, allow_unused=True)
-            receiver_grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads[: len(inputs)], inputs)]
-            pattern_grads = [torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads[len(inputs) :], patterns)]
-            part = _linear_scores(g, receiver_grads, rows)  # [S, R] for this batch
+        # The QK fix's recomputed patterns do not depend on which layer GradDrop drops; only the
+        # pattern gradients do. So the gradients of a group of drops are kept and the patterns are
+        # recomputed once per group, the group sized so its pattern gradients fit QK_FIX_FLOATS.
+        per_drop = sum(p.numel() for p in patterns)
+        group = max(1, QK_FIX_FLOATS // max(1, per_drop)) if qk_fix else 1
+        for first in range(0, len(drops), group):
+            members = range(first, min(len(drops), first + group))
+            parts, kept_patterns = [], []
+            for i in members:
+                dropped["layer"] = drops[i]
+                grads = torch.autograd.grad(value, inputs + patterns, retain_graph=i < len(drops) - 1, allow_unused=True)
+                receiver_grads = [torch.zeros_like(t) if gr is None else gr for gr, t in zip(grads[: len(inputs)], inputs)]
+                part = _linear_scores(g, receiver_grads, rows)  # [S, R] for this batch
+                check_finite(part, experiment, batch, "an AtP* estimate",
+                             [("a receiver gradient", gr) for gr in receiver_grads]
+                             + [("the delta A - a", _prompt_view(rows, batch.size))])
+                parts.append(part)
+                if qk_fix:
+                    kept_patterns.append([torch.zeros_like(p) if gr is None else gr for gr, p in zip(grads[len(inputs) :], patterns)])
+                del grads, receiver_grads
+            stacked = torch.stack(parts)  # [G, S, R]
             if qk_fix:
-                _apply_qk_fix(spec, out.resid, trace, pattern_grads, rows, part, sender_chunk)
-            check_finite(part, experiment, batch, "an AtP* estimate",
-                         [("a receiver gradient", gr) for gr in receiver_grads]
-                         + [("an attention-pattern gradient", gr) for gr in pattern_grads]
-                         + [("the delta A - a", _prompt_view(rows, batch.size))])
-            estimates[i] += weight * part
+                pattern_grads = [torch.stack(layers) for layers in zip(*kept_patterns)]  # per layer [G, B, H, T, T]
+                del kept_patterns
+                _apply_qk_fix(spec, out.resid, trace, pattern_grads, rows, stacked, sender_chunk)
+                check_finite(stacked, experiment, batch, "an AtP* estimate (QK fix)",
+                             [("an attention-pattern gradient", gr.transpose(0, 1)) for gr in pattern_grads]
+                             + [("the delta A - a", _prompt_view(rows, batch.size))])
+            estimates[first : first + len(members)] += weight * stacked
 
 
 def _drop_hook(state: dict[str, int | None], layer: int) -> Callable[[Tensor], Tensor | None]:
@@ -566,9 +585,11 @@ def _apply_qk_fix(
     part: Tensor,
     sender_chunk: int,
 ) -> None:
-    """Overwrite the linear estimates of every q and k edge in ``part`` [S, R] with
+    """Overwrite the linear estimates of every q and k edge in ``part`` [G, S, R] with
     ``sum (pattern' - pattern) * dm/dpattern``, ``pattern'`` recomputed exactly from the patched query
-    or key (the receiver's norm and projection included); the sum is taken in float32 or wider."""
+    or key (the receiver's norm and projection included); the sum is taken in float32 or wider.
+    ``pattern_grads`` per layer [G, B, H, T, T]: G backward passes (GradDrop's) share each
+    recomputed pattern."""
     g = spec.graph
     H = g.n_heads
     B, T, d = resid.shape[1:]
@@ -577,7 +598,7 @@ def _apply_qk_fix(
         lay = spec.layers[layer]
         x = resid[layer]  # [B, T, d]: in a clean run every slot of this layer reads this residual
         q0, k0, pattern0 = trace.q[layer], trace.k[layer], trace.pattern[layer].detach()
-        gp = wide(pattern_grads[layer])  # [B, H, T, T]
+        gp = wide(pattern_grads[layer])  # [G, B, H, T, T]: one per GradDrop pass
         n_up = g.attention_upstream(layer)
         rotary_fn = spec.rotary_for(layer)
         rotary = rotary_fn(x, positions) if rotary_fn is not None else None
@@ -593,5 +614,5 @@ def _apply_qk_fix(
                 (q_start, ops.attention_pattern(lay.attn, q_new, k0.repeat(U, 1, 1, 1))),
                 (k_start, ops.attention_pattern(lay.attn, q0.repeat(U, 1, 1, 1), k_new)),
             ):
-                change = (wide(new_pattern).view(U, B, H, T, T) - wide(pattern0)[None]) * gp[None]  # [U, B, H, T, T]
-                part[lo:hi, start : start + H] = change.sum((1, 3, 4)).double()  # [U, H]
+                change = wide(new_pattern).view(U, B, H, T, T) - wide(pattern0)[None]  # [U, B, H, T, T]
+                part[:, lo:hi, start : start + H] = torch.einsum("ubhqk,gbhqk->guh", change, gp).double()  # [G, U, H]
