@@ -156,9 +156,9 @@ def main() -> None:
                         help="profile CD-T on the heads of the last N layers (where the time goes) and exit")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/bench_cdt.json"))
     args = parser.parse_args()
-    from graphs.hugepages import enable_transparent_hugepages
+    from graphs.allocator import tune_cpu_allocator
 
-    enable_transparent_hugepages()  # as the CLI does (graphs/hugepages.py)
+    tune_cpu_allocator()  # as the CLI does (graphs/allocator.py)
     torch.set_num_threads(args.threads)
 
     loaded = load_model("smollm2-135m", progress=False)

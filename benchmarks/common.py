@@ -18,9 +18,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from graphs.hugepages import enable_transparent_hugepages
+from graphs.allocator import tune_cpu_allocator
 
-enable_transparent_hugepages()  # every benchmark process (ours and the peers' children) alike
+tune_cpu_allocator()  # every benchmark process (ours and the peers' children) alike
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -40,9 +40,9 @@ for _command in COMMANDS:
 
 def main() -> None:
     """Console-script entry point."""
-    from graphs.hugepages import enable_transparent_hugepages
+    from graphs.allocator import tune_cpu_allocator
 
-    enable_transparent_hugepages()  # before torch's first large allocation (see graphs/hugepages.py)
+    tune_cpu_allocator()  # before torch's first large allocation (see graphs/allocator.py)
     cli(prog_name="circuits")
 
 
