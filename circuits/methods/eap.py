@@ -112,6 +112,30 @@ def _fill_rows(rows: Tensor, ablated: Tensor, first: int, senders: Tensor) -> No
         out.copy_(A - senders.permute(2, 0, 1, 3))
 
 
+def _corrupted_rows(spec: ModelSpec, batch: PreparedBatch) -> Tensor | None:
+    """The batch's own corrupted-run sender outputs seen as delta rows [S, B*T*d], or None.
+
+    Resample ablation makes a fresh ``[B, T, S, d]`` buffer per batch, stored sender-major; EAP
+    turns it into ``A - a`` in place (``_subtract_rows``) instead of allocating a second buffer of
+    the same size (444 MB for SmolLM2-135M at 32 prompts). The batch's ablation values are then
+    spent, so only a pass that reads them nowhere else may ask (plain EAP: no mask, no mixing)."""
+    values = batch.ablation.values  # [B, T, S, d] for a per-batch corrupted run
+    B, T = batch.clean_ids.shape
+    wide_dtype = wide(torch.empty((), dtype=spec.dtype)).dtype
+    if batch.ablation.kind != "corrupted" or tuple(values.shape[:2]) != (B, T) or values.dtype != wide_dtype:
+        return None
+    sender_major = values.permute(2, 0, 1, 3)  # [S, B, T, d]
+    if not sender_major.is_contiguous():
+        return None
+    return sender_major.view(values.shape[2], -1)
+
+
+def _subtract_rows(rows: Tensor, first: int, senders: Tensor) -> None:
+    """Turn the rows of senders ``first..first+k-1`` from ``A`` into ``A - a``; ``senders`` [B, T, k, d]."""
+    B, T, k, d = senders.shape
+    rows[first : first + k].view(k, B, T, d).sub_(senders.permute(2, 0, 1, 3))
+
+
 def _prompt_view(rows: Tensor, B: int) -> Tensor:
     """Delta rows [S, B*T*d] viewed per prompt: [B, S, T*d] (for error messages)."""
     return rows.view(rows.shape[0], B, -1).transpose(0, 1)
@@ -252,14 +276,19 @@ def _gradient_pass(
     """One forward + backward on the batch's clean prompts, accumulating EAP-style scores.
 
     ``rows`` [S, B*T*d]: fixed ``A - a`` (None: ``A - a`` with ``a`` from this very run - the
-    clean senders for EAP, the interpolated ones for the activation variant). ``weight`` scales this
+    clean senders for EAP, the interpolated ones for the activation variant; without a mask, a
+    corrupted batch's ablation values become these rows and are spent). ``weight`` scales this
     pass (1 / (prompts * steps))."""
     spec = experiment.spec
     sink = None
     if rows is None:  # A - a with a from this very run: fill the delta rows as the senders are made
         B, T = batch.clean_ids.shape
-        rows = _empty_rows(spec, B, T)
-        sink = functools.partial(_fill_rows, rows, batch.ablation.values.detach())
+        rows = None if mask is not None else _corrupted_rows(spec, batch)
+        if rows is not None:  # the corrupted run's buffer becomes A - a in place (the batch's values are spent)
+            sink = functools.partial(_subtract_rows, rows)
+        else:
+            rows = _empty_rows(spec, B, T)
+            sink = functools.partial(_fill_rows, rows, batch.ablation.values.detach())
     with torch.enable_grad():
         out = rt.run(
             spec,
