@@ -1,6 +1,6 @@
 """EAP on SmolLM2-135M: speed against a plain HF forward + backward, peak memory, rank agreement.
 
-    python benchmarks/bench_eap.py [--prompts 32] [--sample-edges 1500] [--edge-patching-scores F]
+    python benchmarks/bench_eap.py [--prompts 32] [--threads N] [--sample-edges 1500] [--edge-patching-scores F]
 
 1. Time of EAP for all 123,211 edges on the IOI prompts divided by the time of one plain HF forward
    + backward on the same batch (gradients with respect to the input embeddings only, which is what
@@ -18,7 +18,10 @@
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,6 +60,20 @@ def hf_forward_backward(model, exp, parameter_grads: bool) -> None:
     model.zero_grad(set_to_none=True)
 
 
+def interleaved(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Wall times of each run, ``repeats`` rounds of all runs one after the other (after one warm-up
+    round), so a slow spell of a shared machine hits every run alike; per run, in round order."""
+    for fn in runs.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(repeats):
+        for k, fn in runs.items():
+            start = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - start)
+    return times
+
+
 def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     from scipy.stats import spearmanr
 
@@ -73,7 +90,8 @@ def top_overlap(a: torch.Tensor, b: torch.Tensor, k: int = 100) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
     parser.add_argument("--sample-edges", type=int, default=1500)
     parser.add_argument("--edge-patching-scores", type=Path)
     parser.add_argument("--skip-memory", action="store_true")
@@ -81,6 +99,8 @@ def main() -> None:
     parser.add_argument("--what", default="eap")
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     if args.child:
         child(args)
         return
@@ -97,11 +117,18 @@ def main() -> None:
     record["tokens_per_prompt"] = exp.task.max_length
 
     # 1. speed, as ratios measured in this process
-    t_act = timed(lambda: hf_forward_backward(loaded.model, exp, parameter_grads=False), args.repeats)
-    t_par = timed(lambda: hf_forward_backward(loaded.model, exp, parameter_grads=True), args.repeats)
-    t_eap = timed(lambda: eap(exp), args.repeats)
     _, exp8 = smollm2_ioi(args.prompts, batch_size=8)
-    t_eap8 = timed(lambda: eap(exp8), args.repeats)
+    runs = {
+        "hf_fwd_bwd_activation_grads": lambda: hf_forward_backward(loaded.model, exp, parameter_grads=False),
+        "hf_fwd_bwd_parameter_grads": lambda: hf_forward_backward(loaded.model, exp, parameter_grads=True),
+        "eap_batch32": lambda: eap(exp),
+        "eap_batch8": lambda: eap(exp8),
+    }
+    times = interleaved(runs, args.repeats)
+    t_act, t_par, t_eap, t_eap8 = (statistics.median(times[k]) for k in runs)
+    record["repeats"] = {k: [round(t, 4) for t in v] for k, v in times.items()}
+    paired = [e / h for e, h in zip(times["eap_batch32"], times["hf_fwd_bwd_activation_grads"], strict=True)]
+    record["ratio_eap_to_hf_fwd_bwd_paired_median"] = statistics.median(paired)
     t_ig = timed(lambda: eap_ig(exp8, steps=5), 1)
     record["seconds"] = {"hf_fwd_bwd_activation_grads": t_act, "hf_fwd_bwd_parameter_grads": t_par,
                          "eap_batch32": t_eap, "eap_batch8": t_eap8, "eap_ig5_batch8": t_ig}
@@ -156,6 +183,7 @@ def print_table(r: dict) -> None:
     print(f"HF forward+backward (activation grads): {s['hf_fwd_bwd_activation_grads']:.2f} s;"
           f" with parameter grads: {s['hf_fwd_bwd_parameter_grads']:.2f} s")
     print(f"EAP (one batch of {r['prompts']}): {s['eap_batch32']:.2f} s -> ratio {r['ratio_eap_to_hf_fwd_bwd']:.2f}"
+          f" (median of paired rounds {r['ratio_eap_to_hf_fwd_bwd_paired_median']:.2f}; {r['threads']} threads)"
           f" ({r['ratio_eap_to_hf_fwd_bwd_with_param_grads']:.2f} vs the backward with parameter grads)")
     print(f"EAP (batches of 8): {s['eap_batch8']:.2f} s; EAP-IG 5 steps (batches of 8): {s['eap_ig5_batch8']:.2f} s")
     for m in r.get("memory", []):
