@@ -184,10 +184,12 @@ def _positional_block_scores(rows: Tensor, grad: Tensor, n_up: int) -> Tensor:
 
 
 # receiver gradients gathered into one window; None: FUSED_LAYERS layers' worth, 6 (3H + 1). The
-# product of a window with the delta rows is bound by arithmetic only when the window is wide.
-# Measured on SmolLM2-135M, 32 IOI prompts, two threads, wall time of all products per EAP call:
-# 1 layer 1.40 s, 2 layers 1.15 s, 4 layers 1.06 s, 6 layers 1.05 s, 8 layers 1.01-1.11 s,
-# 16 layers 1.32 s, all 30 at once 1.93 s (the window copy and the memory it takes).
+# product of a window with the delta rows is bound by arithmetic only when the window is wide: on
+# SmolLM2-135M at 32 prompts (two threads) 66-100 GFLOP/s for 28-56 receivers, 110-140 for 112-224.
+# One product over the senders upstream of the window's last layer also forms entries that are not
+# edges (up to 5 layers' senders for its first receivers); they are dropped. Wall time of all
+# products per EAP call there: one layer at a time 1.40 s; 6 layers 0.80-0.92 s, 8-15 layers
+# 0.86-0.93 s (and 1.05 s for 6 layers with exact per-block tail products instead of the waste).
 FUSED_RECEIVERS: int | None = None
 FUSED_LAYERS = 6
 
@@ -209,11 +211,10 @@ class _ScoreSink:
     with a prefix of its rows streams that whole prefix from memory for little arithmetic, so the
     receiver gradients arriving one after the other during the backward pass are copied into one
     window buffer (``FUSED_RECEIVERS`` receivers, reused for every window: no fresh allocation)
-    and multiplied together: one wide product over the senders upstream of every receiver in the
-    window, and per block one narrow product over the senders only it reads (those of the layers
-    between). Products are formed in float32 at least and added into the float64 accumulator; a
-    block that is not finite stops the run naming the prompts whose gradient or delta is at fault.
-    ``flush`` must be called after the backward pass."""
+    and multiplied together, over the senders upstream of the window's latest receivers; each block
+    keeps only its own upstream senders. Products are formed in float32 at least and added into the
+    float64 accumulator; a block that is not finite stops the run naming the prompts whose gradient
+    or delta is at fault. ``flush`` must be called after the backward pass."""
 
     def __init__(self, experiment: Experiment, batch: PreparedBatch, scores: Tensor, rows: Tensor, weight: float) -> None:
         self.experiment = experiment
@@ -265,22 +266,13 @@ class _ScoreSink:
         pending, self.pending = self.pending, []
         grads = self.window[: self.filled]  # [R, B, T, d]
         self.filled = 0
-        shared = min(p.n_up for p in pending)
-        self._add(self.block(self.rows, grads.permute(1, 2, 0, 3), shared), 0, grads, pending)
-        for p in pending:  # the senders between the window's first and this block's layer
-            if p.n_up > shared:
-                block_grads = grads[p.at : p.at + p.width]
-                tail = self.block(self.rows[shared:], block_grads.permute(1, 2, 0, 3), p.n_up - shared)
-                self._add(tail, shared, block_grads, [_PendingBlock(0, p.width, p.n_up, p.cols)])
-
-    def _add(self, block: Tensor, first: int, grads: Tensor, pending: list[_PendingBlock]) -> None:
-        """Add ``block`` ([n, R] or positional [n, R, T]: senders ``first..first+n-1`` against the
-        receivers of ``pending``, in their order) into the scores."""
-        check_finite(block, self.experiment, self.batch, "an EAP score (delta . gradient)",
-                     (("the gradient", grads.transpose(0, 1)), ("the delta A - a", _prompt_view(self.rows, grads.shape[1]))))
-        n = block.shape[0]
-        for p in pending:
-            self.scores[first : first + n, p.cols] += self.weight * block[:, p.at : p.at + p.width].double()
+        n_up = max(p.n_up for p in pending)
+        block = self.block(self.rows, grads.permute(1, 2, 0, 3), n_up)  # [n_up, R] (positional: [n_up, R, T])
+        for p in pending:  # each block keeps only its own upstream senders
+            part = block[: p.n_up, p.at : p.at + p.width]
+            check_finite(part, self.experiment, self.batch, "an EAP score (delta . gradient)",
+                         (("the gradient", grads.transpose(0, 1)), ("the delta A - a", _prompt_view(self.rows, grads.shape[1]))))
+            self.scores[: p.n_up, p.cols] += self.weight * part.double()
 
 
 def _gradient_pass(
