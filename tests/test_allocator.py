@@ -9,7 +9,12 @@ import textwrap
 
 import pytest
 
-from graphs.allocator import USER_MALLOC_VARIABLES, VARIABLE, enable_transparent_hugepages, keep_freed_memory
+from graphs.allocator import (
+    USER_MALLOC_VARIABLES,
+    VARIABLE,
+    enable_transparent_hugepages,
+    keep_freed_memory,
+)
 
 
 def test_sets_the_variable_when_unset(monkeypatch: pytest.MonkeyPatch) -> None:
