@@ -36,8 +36,8 @@ def test_keeps_the_users_malloc_settings(monkeypatch: pytest.MonkeyPatch, name: 
 
 
 # Allocates, touches and frees a 96 MB block five times through glibc's malloc and prints the page
-# faults of the last four rounds: with glibc's defaults every round maps fresh pages (thousands of
-# faults); with freed memory kept in the heap the later rounds reuse the first round's pages.
+# faults of the last four rounds: with glibc's defaults every round maps fresh pages (98,000 faults
+# here, in 4 kB pages); with freed memory kept in the heap the later rounds reuse the first round's.
 _ROUNDS = textwrap.dedent(
     """
     import ctypes, ctypes.util, resource, sys
@@ -71,5 +71,5 @@ def _faults(mode: str) -> int:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt")
 def test_freed_blocks_are_reused_instead_of_faulted_in_again() -> None:
     default, kept = _faults("default"), _faults("keep")
-    assert default > 4 * 1000  # 96 MB of 4 kB pages, four times (the premise of the test)
+    assert default >= 4 * 48  # 96 MB faulted in four times, even in 2 MB pages (the premise of the test)
     assert kept < default / 20
