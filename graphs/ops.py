@@ -100,13 +100,6 @@ def attention_mask(T: int, sliding_window: int | None, device: torch.device) -> 
     return allowed
 
 
-def _kv_head_of(spec: AttentionSpec) -> Tensor | None:
-    """The key/value head each query head reads [H] (grouped-query attention); None without groups."""
-    if spec.kv_group == 1:
-        return None
-    return torch.arange(spec.n_heads, device=spec.W_Q.device) // spec.kv_group
-
-
 def qkv(
     spec: AttentionSpec,
     norm: NormSpec,
@@ -123,7 +116,7 @@ def qkv(
     ``graphs.slot_gradients.slot_probe``): computed once from the shared input, while the probe
     receives every q / k / v slot's own input gradient [B, T, 3H, d] in a backward pass.
     """
-    head_of = _kv_head_of(spec)
+    head_of = spec.kv_head_of
     if probe is not None:
         if not (x_q is x_k is x_v) or x_q.dim() != 3:
             raise ValueError("a slot-gradient probe needs one shared [B, T, d] input for q, k and v")
@@ -151,7 +144,7 @@ def queries_and_keys(spec: AttentionSpec, norm: NormSpec, x: Tensor, rotary: tup
     """``qkv``'s queries and keys from one shared residual ``x`` [B, T, d], without the values:
     [B, T, H, d_head] each (keys repeated for the query heads that share them). For methods that
     recompute attention patterns only (AtP*'s QK fix)."""
-    head_of = _kv_head_of(spec)
+    head_of = spec.kv_head_of
     xn = apply_norm(norm, x)
     q = _project(xn, spec.W_Q, spec.b_Q, None)
     k = _project(xn, spec.W_K, spec.b_K, head_of)

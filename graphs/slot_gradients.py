@@ -38,7 +38,9 @@ def slot_probe(resid: Tensor, n_slots: int) -> Tensor:
 
 def _slot_weights(spec: AttentionSpec) -> Tensor:
     """Every slot's projection [3H, d_head, d]: q heads, then k and v (repeated per query head for GQA)."""
-    head_of = torch.arange(spec.n_heads, device=spec.W_Q.device) // spec.kv_group
+    head_of = spec.kv_head_of
+    if head_of is None:
+        return torch.cat((spec.W_Q, spec.W_K, spec.W_V), dim=0)
     return torch.cat((spec.W_Q, spec.W_K[head_of], spec.W_V[head_of]), dim=0)
 
 
@@ -106,11 +108,13 @@ class _SharedProjections(torch.autograd.Function):
     def forward(resid: Tensor, probe: Tensor, spec: AttentionSpec, norm: NormSpec) -> tuple[Tensor, Tensor, Tensor]:  # type: ignore[override]
         from graphs.ops import apply_norm
 
-        head_of = torch.arange(spec.n_heads, device=resid.device) // spec.kv_group
+        head_of = spec.kv_head_of
         xn = apply_norm(norm, resid)  # [B, T, d]
         q = _project(xn, spec.W_Q)  # [B, T, H, dh]
-        k = _project(xn, spec.W_K)[:, :, head_of]
-        v = _project(xn, spec.W_V)[:, :, head_of]
+        k = _project(xn, spec.W_K)
+        v = _project(xn, spec.W_V)
+        if head_of is not None:  # repeat the shared key/value heads per query head
+            k, v = k[:, :, head_of], v[:, :, head_of]
         return q, k, v
 
 

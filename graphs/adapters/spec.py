@@ -77,6 +77,14 @@ class AttentionSpec:
     def d_head(self) -> int:
         return int(self.W_Q.shape[1])
 
+    @property
+    def kv_head_of(self) -> Tensor | None:
+        """The key/value head each query head reads [H] (grouped-query attention); None when every
+        query head has its own."""
+        if self.kv_group == 1:
+            return None
+        return torch.arange(self.n_heads, device=self.W_Q.device) // self.kv_group
+
 
 @dataclass(frozen=True)
 class MLPSpec:

@@ -130,7 +130,7 @@ class _Totals:
 def _totals(spec: AttentionSpec, norm: NormSpec, total: Tensor, rotary: tuple[Tensor, Tensor] | None, queries: int | None) -> _Totals:
     T = total.shape[1]
     first = T - (T if queries is None else queries)
-    head_of = torch.arange(spec.n_heads, device=total.device) // spec.kv_group if spec.kv_group > 1 else None
+    head_of = spec.kv_head_of
     xn = ops.apply_norm(norm, total)  # [P, T, d]
     q_lin = _project(xn[:, first:], spec.W_Q)
     k_lin = _project(xn, spec.W_K)
