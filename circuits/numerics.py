@@ -53,7 +53,10 @@ def _dataset_row(experiment: Experiment, batch: PreparedBatch, p: int) -> int:
 
 def score(experiment: Experiment, batch: PreparedBatch, logits: Tensor) -> Tensor:
     """``batch.score(logits)`` (logits [..., P, V] -> [..., P]) with errors naming the task's prompt."""
-    bad = ~torch.isfinite(logits.detach()).all(-1)  # [..., P]
+    # a sum over the vocabulary is finite when every logit is (one pass); only otherwise look closer
+    bad = ~torch.isfinite(logits.detach().sum(-1))  # [..., P]
+    if bool(bad.any()):
+        bad = ~torch.isfinite(logits.detach()).all(-1)
     if bool(bad.any()):
         p = int(bad.nonzero()[0][-1])
         raise MetricError(

@@ -108,14 +108,28 @@ class SenderDeltas:
             raise InterventionError(f"{n} is not a sender block boundary") from None
 
     def gather(self, senders: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Deltas of ``senders`` (sorted indices) grouped by block: [(positions in ``senders``, D [K|1,P,T,n,d])]."""
+        """Deltas of ``senders`` (sorted indices) grouped by block: [(positions in ``senders``, D [K|1,P,T,n,d])].
+
+        A run of consecutive senders is a view of its block (no copy); senders the store has not
+        computed are left out."""
+        ids: list[int] = senders.tolist()
         groups: list[tuple[Tensor, Tensor]] = []
+        j = 0
         for start, D in self.blocks:
             stop = start + D.shape[3]
-            inside = (senders >= start) & (senders < stop)
-            if bool(inside.any()):
-                where = inside.nonzero().flatten()
-                groups.append((where, D[:, :, :, senders[where] - start]))
+            while j < len(ids) and ids[j] < start:
+                j += 1
+            first = j
+            while j < len(ids) and ids[j] < stop:
+                j += 1
+            if j == first:
+                continue
+            local = ids[first:j]
+            if local[-1] - local[0] + 1 == len(local):  # one run of consecutive senders
+                part = D[:, :, :, local[0] - start : local[-1] - start + 1]
+            else:
+                part = D[:, :, :, [u - start for u in local]]
+            groups.append((torch.arange(first, j, device=senders.device), part))
         return groups
 
     def entries(self, rows: Tensor, senders: Tensor) -> Tensor:
@@ -140,14 +154,30 @@ class SenderDeltas:
 
 def _mix(D: Tensor, W: Tensor) -> Tensor:
     """sum_s D[k, p, t, s, :] W[k, s, r] -> [K|1, P, T, R, d], without copying broadcast groups
-    (K = 1 when neither the deltas nor the weights differ between groups)."""
-    if D.shape[0] == 1 and W.shape[0] > 1:
-        if not W.requires_grad and bool((W == W[:1]).all()):  # the same mask in every group (e.g. ACDC away from the tried receiver)
-            return torch.einsum("ptsd,sr->ptrd", D[0], W[0])[None]  # [1, P, T, R, d]: broadcast by the caller
-        return torch.einsum("ptsd,ksr->kptrd", D[0], W)
-    if W.shape[0] == 1:
-        return torch.einsum("kptsd,sr->kptrd", D, W[0])
-    return torch.einsum("kptsd,ksr->kptrd", D, W)
+    (K = 1 when neither the deltas nor the weights differ between groups).
+
+    One small product ``W^T [R, s] @ D [s, d]`` per group and token, batched: the output comes out
+    in its final layout (an einsum here permuted D and the result, three passes over memory)."""
+    if W.shape[0] > 1 and not W.requires_grad and bool((W == W[:1]).all()):
+        W = W[:1]  # the same mask in every group (e.g. ACDC away from the tried receiver)
+    Kd, P, T, s, d = D.shape
+    K = max(Kd, W.shape[0])
+    Wt = W.transpose(1, 2)  # [K|1, R, s]
+    if Kd == 1 or W.shape[0] == 1:  # one side shared: fold the groups into the batch of the other
+        if W.shape[0] == 1:
+            out = torch.matmul(Wt[0], D.reshape(Kd * P * T, s, d))  # [Kd*P*T, R, d]
+        else:
+            out = torch.matmul(Wt[:, None], D.reshape(1, P * T, s, d))  # [K, P*T, R, d]
+    else:
+        out = torch.matmul(Wt[:, None], D.reshape(Kd, P * T, s, d))  # [K, P*T, R, d]
+    return out.view(K, P, T, -1, d)
+
+
+def _add(a: Tensor, b: Tensor) -> Tensor:
+    """a + b for two partial sums made by this module (no gradient): into the larger one in place."""
+    if a.shape != torch.broadcast_shapes(a.shape, b.shape):
+        a, b = b, a
+    return a.add_(b) if a.shape == torch.broadcast_shapes(a.shape, b.shape) else a + b
 
 
 def _full_shape(delta: Tensor, K: int, P: int, T: int) -> Tensor:
@@ -200,21 +230,55 @@ class _MaskMixer:
                     total = part if total is None else total + part
             return None if total is None else _full_shape(total, store.K, store.P, self.T)
 
+        total = self._sum(M, n_upstream)
+        return None if total is None else _full_shape(total, store.K, store.P, self.T)
+
+    def _sum(self, M: Tensor, n_upstream: int) -> Tensor | None:
+        """``sum_u M[k, u, r] D_u`` [K|1, P, T|1, R, d] for a mask slice M [K|1, n, R(, T)], over the
+        active senders only (no gradient)."""
+        store = self.store
         complement = float(M.sum()) > 0.5 * M.numel()
         W = 1.0 - M if complement else M
         active = (W != 0).flatten(2).any(dim=2).any(dim=0).nonzero().flatten()  # senders with any entry
         total = None
         for where, D in _merged(store.gather(active)):
             part = self._mix_block(D, W[:, active[where]])
-            total = part if total is None else total + part
+            total = part if total is None else _add(total, part)
         if complement:
             base = store.cumulative(n_upstream)
             assert base is not None
             base = base[:, :, :, None, :]  # broadcast over receivers
-            total = base if total is None else base - total
+            if total is None:
+                total = base.clone()  # never hand out the store's own sums
+            elif total.shape == torch.broadcast_shapes(total.shape, base.shape):
+                total = total.neg_().add_(base)  # total is this call's own tensor
+            else:
+                total = base - total
             R = M.shape[2]
             total = total.expand(*total.shape[:2], self._complement_positions(total), R, total.shape[4])
-        return None if total is None else _full_shape(total, store.K, store.P, self.T)
+        return total
+
+    def split(self, n_upstream: int, receivers: slice) -> tuple[Tensor | None, Tensor]:
+        """For a run whose senders so far are all shared by its mask groups (``SenderDeltas.add``
+        with ``shared=True``): (group 0's delta [P, T, R_block, d] or None, the block-local indices
+        of the receivers whose mask differs between groups). Only those need a per-group input."""
+        if self.differentiable or any(D.shape[0] != 1 for _, D in self.store.blocks):
+            raise InterventionError("split deltas need a non-differentiable mask and shared senders only")
+        M = self.mask[:, :n_upstream, receivers]  # [K, n, Rb(, T)]
+        differs = (M != M[:1]).transpose(0, 2).flatten(1).any(dim=1).nonzero().flatten()  # [n_differ]
+        total = self._sum(M[:1], n_upstream)
+        return (None if total is None else _full_shape(total, 1, self.store.P, self.T)), differs
+
+    def columns(self, n_upstream: int, receivers: slice, which: Tensor) -> Tensor:
+        """Every group's delta [K*P, T, len(which), d] of the block-local receivers ``which`` (shared
+        senders only, as for ``split``)."""
+        store = self.store
+        M = self.mask[:, :n_upstream, receivers][:, :, which]  # [K, n, n_which(, T)]
+        total = self._sum(M, n_upstream)
+        if total is None:
+            values = store.values
+            return torch.zeros(store.K * store.P, self.T, which.numel(), values.shape[-1], dtype=values.dtype, device=values.device)
+        return _full_shape(total, store.K, store.P, self.T)
 
 
 class DenseMixer(_MaskMixer):

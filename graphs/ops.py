@@ -140,6 +140,32 @@ def qkv(
     return q, k, v
 
 
+def slot_qkv(
+    spec: AttentionSpec, norm: NormSpec, x: Tensor, rotary: tuple[Tensor, Tensor] | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """``qkv`` for per-slot inputs held in one tensor x [B, T, 3H, d] (every head's q slot, then
+    its k slot, then its v slot): one norm over all slots, and each slot's projection read in
+    place from x (a batched product over strided views) instead of copying q, k and v apart."""
+    B, T, _, d = x.shape
+    H = spec.n_heads
+    head_of = spec.kv_head_of
+    xn = apply_norm(norm, x).reshape(B * T, 3 * H, d)  # [B*T, 3H, d]
+
+    def project(i: int, W: Tensor, b: Tensor | None, rows: Tensor | None) -> Tensor:
+        Wh = W if rows is None else W[rows]  # [H, d_head, d]
+        out = torch.bmm(xn[:, i * H : (i + 1) * H].transpose(0, 1), Wh.transpose(1, 2))  # [H, B*T, d_head]
+        out = out.view(H, B, T, -1).permute(1, 2, 0, 3)  # [B, T, H, d_head]
+        if b is not None:
+            out = out + (b if rows is None else b[rows])
+        return out
+
+    q = project(0, spec.W_Q, spec.b_Q, None)
+    k = project(1, spec.W_K, spec.b_K, head_of)
+    v = project(2, spec.W_V, spec.b_V, head_of)
+    q, k = _finish_queries_and_keys(spec, q, k, rotary)
+    return q, k, v
+
+
 def queries_and_keys(spec: AttentionSpec, norm: NormSpec, x: Tensor, rotary: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
     """``qkv``'s queries and keys from one shared residual ``x`` [B, T, d], without the values:
     [B, T, H, d_head] each (keys repeated for the query heads that share them). For methods that
@@ -241,6 +267,23 @@ def attention_heads(
     With an observer the pattern is computed explicitly (no fused kernel) so it can be seen and
     differentiated. ``probe``: see ``qkv``."""
     q, k, v = qkv(spec, norm, x_q, x_k, x_v, rotary, probe)
+    return _heads(spec, q, k, v, observe)
+
+
+def attention_heads_of_slots(
+    spec: AttentionSpec,
+    norm: NormSpec,
+    x: Tensor,
+    rotary: tuple[Tensor, Tensor] | None,
+    observe: Observer | None = None,
+) -> Tensor:
+    """``attention_heads`` with every head's q, k and v input in one tensor x [B, T, 3H, d]
+    (see ``slot_qkv``): [B, T, H, d]."""
+    q, k, v = slot_qkv(spec, norm, x, rotary)
+    return _heads(spec, q, k, v, observe)
+
+
+def _heads(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, observe: Observer | None) -> Tensor:
     if observe is None:
         return head_outputs(spec, attend(spec, q, k, v))
     pattern = attention_pattern(spec, q, k)  # [B, H, T, T]

@@ -112,9 +112,24 @@ def embed(spec: ModelSpec, input_ids: Tensor) -> Tensor:
     return x
 
 
+FEW_ROWS = 16  # up to this many rows the unembedding is a product W_U @ x^T (see ``unembed``)
+
+
 def unembed(spec: ModelSpec, resid: Tensor) -> Tensor:
-    """Final norm, unembedding and (Gemma 2) logit soft-capping of a final residual [..., d]."""
-    logits = F.linear(ops.apply_norm(spec.final_norm, resid), spec.W_U, spec.b_U)
+    """Final norm, unembedding and (Gemma 2) logit soft-capping of a final residual [..., d].
+
+    A few rows (ACDC's and edge patching's small passes) are computed as ``W_U @ x^T``: CPU BLAS
+    streams the [V, d] matrix about twice as fast that way round as through ``x @ W_U^T``
+    (docs/scale.md); more rows use the usual product."""
+    x = ops.apply_norm(spec.final_norm, resid)
+    rows = x.numel() // x.shape[-1]
+    if 0 < rows <= FEW_ROWS and not (x.requires_grad or spec.W_U.requires_grad):
+        flat = x.reshape(rows, x.shape[-1])
+        logits = torch.mm(spec.W_U, flat.T).T.reshape(*x.shape[:-1], -1)  # [..., V]
+        if spec.b_U is not None:
+            logits = logits + spec.b_U
+    else:
+        logits = F.linear(x, spec.W_U, spec.b_U)
     if spec.final_softcap is not None:
         logits = torch.tanh(logits / spec.final_softcap) * spec.final_softcap
     return logits
@@ -267,6 +282,19 @@ def run(
     if start is not None:
         _check_nothing_before(spec, mask if not positional else mask.movedim(-1, 0), edits, shifts, first)
 
+    # A resumed run of K mask groups is computed once for its P prompts up to the first receiver
+    # whose mask differs between the groups (ACDC's groups differ in one receiver only)
+    shared = (
+        start is not None
+        and K > 1
+        and isinstance(mixer, DenseMixer)
+        and not mixer.differentiable
+        and store is not None
+        and store.values.shape[0] == 1
+        and observe is None
+        and on_senders is None
+        and not keep_resid
+    )
     positions = positions_for(spec, T)
     kept: list[Tensor] = []  # the [B, T, S, d] buffer of keep_senders (allocated at the first block)
 
@@ -294,7 +322,10 @@ def run(
             store.add(0, x_in[:, :, None, :])
         like = x_in
     else:
-        resid = start.resid.expand(K, *start.resid.shape).reshape(B, T, d)  # [B, T, d]
+        if not shared:
+            resid = start.resid.expand(K, *start.resid.shape).reshape(B, T, d)  # [B, T, d]
+        else:
+            resid = start.resid  # [P, T, d]: the groups agree until a receiver's mask differs
         if store is not None:
             _register_prefix(spec, store, start.senders, first)
         like = start.resid
@@ -311,6 +342,10 @@ def run(
     qkv_inputs: list[Tensor] = []
     mlp_inputs: list[Tensor] = []
     for layer in range(first, g.n_layers):
+        if shared:
+            assert isinstance(mixer, DenseMixer) and store is not None
+            resid, shared = _layer_while_shared(spec, layer, resid, mixer, store, K, rotary_at(layer))
+            continue
         lay = spec.layers[layer]
         if keep_resid:
             resids.append(resid)
@@ -318,7 +353,7 @@ def run(
         delta = None if mixer is None else mixer.delta(g.attention_upstream(layer), g.qkv_receivers(layer))
         probe = None
         if delta is not None:
-            x = resid[:, :, None, :] + delta  # [B, T, 3H, d]
+            x = _read(resid, delta)  # [B, T, 3H, d]
         elif keep_receivers and torch.is_grad_enabled():
             # every slot reads the same residual: compute once, per-slot gradients reach the probe
             x, probe = None, slot_probe(resid, 3 * H)  # probe [B, T, 3H, d]
@@ -335,9 +370,7 @@ def run(
             heads = ops.attention_heads(lay.attn, lay.attn_norm, resid, resid, resid, rotary, seen)
         else:
             qkv_inputs.append(x)
-            heads = ops.attention_heads(
-                lay.attn, lay.attn_norm, x[:, :, :H], x[:, :, H : 2 * H], x[:, :, 2 * H :], rotary, seen
-            )  # [B, T, H, d]
+            heads = ops.attention_heads_of_slots(lay.attn, lay.attn_norm, x, rotary, seen)  # [B, T, H, d]
         if seen is not None:
             seen("heads", heads)
         # the heads' sender outputs and what the attention adds to the residual: their sum plus b_O,
@@ -373,8 +406,12 @@ def run(
     if keep_resid:
         resids.append(resid)
     logits_slice = slice(g.logits_receiver, g.logits_receiver + 1)
-    delta = None if mixer is None else mixer.delta(g.n_senders, logits_slice)
-    final = resid.view_as(resid) if delta is None else resid + delta[:, :, 0]  # [B, T, d]
+    if shared:
+        assert isinstance(mixer, DenseMixer)
+        final = _final_while_shared(spec, resid, mixer, K)  # [B, T, d]
+    else:
+        delta = None if mixer is None else mixer.delta(g.n_senders, logits_slice)
+        final = resid.view_as(resid) if delta is None else resid + delta[:, :, 0]  # [B, T, d]
     if read_positions is not None:
         logits = unembed(spec, final[torch.arange(B, device=final.device), read_positions])  # [B, V]
     else:
@@ -399,6 +436,94 @@ class _Both:
         if a is None:
             return b
         return a if b is None else a + b
+
+
+def _read(resid: Tensor, delta: Tensor) -> Tensor:
+    """What a block of receivers reads: ``resid`` [B, T, d] plus their deltas [B, T, R, d]. Mixers
+    hand out deltas the caller owns, so without gradients the sum is taken in place."""
+    if delta.requires_grad or resid.requires_grad or not delta.is_contiguous():
+        return resid[:, :, None, :] + delta
+    return delta.add_(resid[:, :, None, :])
+
+
+def _groups_of(t: Tensor, K: int) -> Tensor:
+    """[P, ...] -> [K*P, ...]: the same rows for each of K groups (row k * P + p)."""
+    return t.repeat(K, *([1] * (t.dim() - 1)))
+
+
+def _layer_while_shared(
+    spec: ModelSpec,
+    layer: int,
+    resid: Tensor,
+    mixer: DenseMixer,
+    store: SenderDeltas,
+    K: int,
+    rotary: tuple[Tensor, Tensor] | None,
+) -> tuple[Tensor, bool]:
+    """One layer of a resumed run whose K mask groups have agreed on every receiver so far.
+
+    Everything is computed once for the P prompts except the heads whose q / k / v inputs differ
+    between the groups (computed per group, alone) and, once anything differs, the MLP. Returns the
+    outgoing residual - [P, T, d] while the groups still agree, else [K*P, T, d] - and whether they
+    still agree. Same values as the plain loop in ``run`` (tests/test_runtime.py)."""
+    g = spec.graph
+    lay = spec.layers[layer]
+    H = g.n_heads
+    qkv_block = g.qkv_receivers(layer)
+    common, differs = mixer.split(g.attention_upstream(layer), qkv_block)
+    if common is None:
+        heads = ops.attention_heads(lay.attn, lay.attn_norm, resid, resid, resid, rotary)  # [P, T, H, d]
+    else:
+        x = _read(resid, common)  # [P, T, 3H, d]
+        heads = ops.attention_heads_of_slots(lay.attn, lay.attn_norm, x, rotary)
+    agree = differs.numel() == 0
+    if not agree:
+        which = torch.unique(differs % H)  # the heads with a slot that differs between groups
+        slots = torch.cat([which, which + H, which + 2 * H])  # their q, k and v slots
+        resid = _groups_of(resid, K)  # [K*P, T, d]
+        x = _read(resid, mixer.columns(g.attention_upstream(layer), qkv_block, slots))  # [K*P, T, 3n, d]
+        own = ops.attention_heads_of_slots(lay.attn.only_heads(which), lay.attn_norm, x, rotary)  # [K*P, T, n, d]
+        heads = _groups_of(heads, K)
+        heads[:, :, which] = own
+    heads, attn_out = ops.head_senders(lay, heads)
+    first_head = g.head_sender(layer, 0)
+    heads_shared = agree
+
+    if g.parallel_residual:
+        base = resid
+    else:
+        base = resid + attn_out
+        store.add(first_head, heads, shared=heads_shared)
+    mlp_block = slice(g.mlp_receiver(layer), g.mlp_receiver(layer) + 1)
+    if agree:
+        common, differs = mixer.split(g.mlp_upstream(layer), mlp_block)
+        if differs.numel() == 0:
+            mlp_in = base if common is None else base + common[:, :, 0]
+        else:
+            agree = False
+            base, resid, attn_out = _groups_of(base, K), _groups_of(resid, K), _groups_of(attn_out, K)
+            mlp_in = base + mixer.columns(g.mlp_upstream(layer), mlp_block, differs)[:, :, 0]
+    else:
+        delta = mixer.delta(g.mlp_upstream(layer), mlp_block)
+        mlp_in = base if delta is None else base + delta[:, :, 0]
+    mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)  # [P | K*P, T, d]
+    if lay.post_mlp_norm is not None:
+        mlp_out = ops.apply_norm(lay.post_mlp_norm, mlp_out)
+    if g.parallel_residual:
+        store.add(first_head, heads, shared=heads_shared)
+    store.add(first_head + H, mlp_out[:, :, None], shared=agree)
+    resid = (resid + attn_out + mlp_out) if g.parallel_residual else (base + mlp_out)
+    return resid, agree
+
+
+def _final_while_shared(spec: ModelSpec, resid: Tensor, mixer: DenseMixer, K: int) -> Tensor:
+    """The logits receiver's input [K*P, T, d] of a run whose K groups agreed up to it."""
+    g = spec.graph
+    block = slice(g.logits_receiver, g.logits_receiver + 1)
+    common, differs = mixer.split(g.n_senders, block)
+    if differs.numel():
+        return _groups_of(resid, K) + mixer.columns(g.n_senders, block, differs)[:, :, 0]
+    return _groups_of(resid if common is None else resid + common[:, :, 0], K)
 
 
 def _register_prefix(spec: ModelSpec, store: SenderDeltas, senders: Tensor, layer: int) -> None:

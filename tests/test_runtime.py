@@ -267,6 +267,43 @@ def test_acdc_shaped_grids_equal_separate_runs(name: str) -> None:
                 assert torch.allclose(grid[k * P : (k + 1) * P], alone, atol=1e-5), (density, k)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel", "gemma2", "gemma3"])
+@pytest.mark.parametrize("differ", ["q", "k+v", "mlp", "logits", "none"])
+def test_groups_that_agree_until_one_receiver_equal_separate_runs(name: str, differ: str) -> None:
+    """A resumed grid is computed once for its prompts until the first receiver whose mask differs
+    between groups (then only the heads with a differing slot, or the MLP, per group). Each group
+    must equal its own run, wherever the groups part: a query slot, the key and value slots of two
+    heads, the MLP, the logits, or nowhere."""
+    spec = _spec(name)
+    g = spec.graph
+    H = g.n_heads
+    P, K, layer = 2, 3, 1
+    ids, corrupted = random_ids(P, 7, seed=21), random_ids(P, 7, seed=22)
+    values = rt.corrupted_values(spec, corrupted)
+    clean = rt.clean_run(spec, ids)
+    gen = torch.Generator().manual_seed(5)
+    qkv = g.qkv_receivers(layer)
+    columns = {
+        "q": [qkv.start + 1],
+        "k+v": [qkv.start + H + 0, qkv.start + 2 * H + 2],
+        "mlp": [g.mlp_receiver(layer)],
+        "logits": [g.logits_receiver],
+        "none": [],
+    }[differ]
+    for density in (0.2, 0.8):  # direct sums and complement sums
+        base = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < density).float() * g.edge_mask
+        base[:, : qkv.start] = 0
+        masks = base.repeat(K, 1, 1)
+        for r in columns:
+            for k in range(1, K):
+                masks[k, : g.n_upstream[r], r] = (torch.rand(g.n_upstream[r], generator=gen) < 0.5).float()
+        with torch.no_grad():
+            grid = rt.run(spec, ids.repeat(K, 1), mask=masks, ablation=values, start=clean.at(spec, layer)).logits
+            for k in range(K):
+                alone = rt.run(spec, ids, mask=masks[k], ablation=values).logits
+                assert torch.allclose(grid[k * P : (k + 1) * P], alone, atol=1e-5), (density, k)
+
+
 def test_sparse_edits_equal_one_hot_masks() -> None:
     spec = _spec("llama-gqa")
     g = spec.graph

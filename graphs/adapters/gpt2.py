@@ -5,7 +5,15 @@ from __future__ import annotations
 from transformers import PreTrainedModel
 
 from graphs.adapters.common import layer_norm
-from graphs.adapters.spec import AttentionSpec, LayerSpec, MLPSpec, ModelSpec, UnsupportedArchitecture, detached
+from graphs.adapters.spec import (
+    AttentionSpec,
+    LayerSpec,
+    MLPSpec,
+    ModelSpec,
+    UnsupportedArchitecture,
+    detached,
+    fused_activation,
+)
 from graphs.graph import ComputationGraph
 
 FAMILY = "gpt2"
@@ -46,7 +54,7 @@ def build(model: PreTrainedModel) -> ModelSpec:
             b_in=detached(block.mlp.c_fc.bias),
             W_out=block.mlp.c_proj.weight.detach().T,
             b_out=detached(block.mlp.c_proj.bias),
-            act=block.mlp.act,
+            act=fused_activation(block.mlp.act),
         )
         layers.append(LayerSpec(layer_norm(block.ln_1), attn, layer_norm(block.ln_2), mlp))
     return ModelSpec(

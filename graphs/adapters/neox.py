@@ -6,7 +6,14 @@ import torch
 from transformers import PreTrainedModel
 
 from graphs.adapters.common import layer_norm, output_heads, rotary_from
-from graphs.adapters.spec import AttentionSpec, LayerSpec, MLPSpec, ModelSpec, detached
+from graphs.adapters.spec import (
+    AttentionSpec,
+    LayerSpec,
+    MLPSpec,
+    ModelSpec,
+    detached,
+    fused_activation,
+)
 from graphs.graph import ComputationGraph
 
 FAMILY = "gpt_neox"
@@ -44,7 +51,7 @@ def build(model: PreTrainedModel) -> ModelSpec:
             b_in=detached(block.mlp.dense_h_to_4h.bias),
             W_out=block.mlp.dense_4h_to_h.weight.detach(),
             b_out=detached(block.mlp.dense_4h_to_h.bias),
-            act=block.mlp.act,
+            act=fused_activation(block.mlp.act),
         )
         layers.append(
             LayerSpec(layer_norm(block.input_layernorm), attn, layer_norm(block.post_attention_layernorm), mlp)

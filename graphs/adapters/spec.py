@@ -13,7 +13,7 @@ writes ``z_h @ W_O[h]`` to the residual stream).
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -84,6 +84,37 @@ class AttentionSpec:
         if self.kv_group == 1:
             return None
         return torch.arange(self.n_heads, device=self.W_Q.device) // self.kv_group
+
+    def only_heads(self, heads: Tensor) -> AttentionSpec:
+        """The same layer restricted to the query heads ``heads`` [n] (long), each with its own copy
+        of the key/value head it reads: computing these heads alone gives what they compute in the
+        full layer (heads interact only through the residual stream)."""
+        kv = heads if self.kv_group == 1 else torch.div(heads, self.kv_group, rounding_mode="floor")
+        return replace(
+            self,
+            W_Q=self.W_Q[heads],
+            W_K=self.W_K[kv],
+            W_V=self.W_V[kv],
+            b_Q=None if self.b_Q is None else self.b_Q[heads],
+            b_K=None if self.b_K is None else self.b_K[kv],
+            b_V=None if self.b_V is None else self.b_V[kv],
+            W_O=self.W_O[heads],
+        )
+
+
+def gelu_tanh(x: Tensor) -> Tensor:
+    """GELU's tanh approximation as one kernel."""
+    return torch.nn.functional.gelu(x, approximate="tanh")
+
+
+def fused_activation(act: Callable[[Tensor], Tensor]) -> Callable[[Tensor], Tensor]:
+    """The HF activation module ``act``, or one kernel computing the same formula: transformers'
+    ``NewGELUActivation`` (GPT-2's ``gelu_new``) spells ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715
+    x^3)))`` as six element-wise passes; ``F.gelu(approximate="tanh")`` is that formula in one
+    (equal to rounding)."""
+    from transformers.activations import NewGELUActivation
+
+    return gelu_tanh if isinstance(act, NewGELUActivation) else act
 
 
 @dataclass(frozen=True)
