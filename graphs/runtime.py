@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from graphs import ops
-from graphs.adapters.spec import ModelSpec
+from graphs.adapters.spec import LayerSpec, ModelSpec
 from graphs.interventions import (
     DenseMixer,
     PositionalDenseMixer,
@@ -295,6 +295,16 @@ def run(
         and on_senders is None
         and not keep_resid
     )
+    # Only the logits at ``read_positions`` are wanted and nothing else is kept: the last MLP,
+    # read by the logits alone, is needed at those positions only
+    last_mlp_rows = (
+        read_positions
+        if read_positions is not None
+        and not (keep_senders or keep_receivers or keep_resid)
+        and observe is None
+        and on_senders is None
+        else None
+    )
     positions = positions_for(spec, T)
     kept: list[Tensor] = []  # the [B, T, S, d] buffer of keep_senders (allocated at the first block)
 
@@ -344,7 +354,9 @@ def run(
     for layer in range(first, g.n_layers):
         if shared:
             assert isinstance(mixer, DenseMixer) and store is not None
-            resid, shared = _layer_while_shared(spec, layer, resid, mixer, store, K, rotary_at(layer))
+            resid, shared = _layer_while_shared(
+                spec, layer, resid, mixer, store, K, rotary_at(layer), last_mlp_rows if layer == g.n_layers - 1 else None
+            )
             continue
         lay = spec.layers[layer]
         if keep_resid:
@@ -390,7 +402,10 @@ def run(
         mlp_in = base.view_as(base) if delta is None else base + delta[:, :, 0]
         if keep_receivers:
             mlp_inputs.append(mlp_in)
-        mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)  # [B, T, d]
+        if last_mlp_rows is not None and layer == g.n_layers - 1:
+            mlp_out = _mlp_at(lay, mlp_in, last_mlp_rows)  # [B, T, d], zero away from the read positions
+        else:
+            mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)  # [B, T, d]
         if seen is not None:
             seen("mlp_out", mlp_out)
         if lay.post_mlp_norm is not None:  # Gemma: the MLP sender is the normed output
@@ -459,13 +474,15 @@ def _layer_while_shared(
     store: SenderDeltas,
     K: int,
     rotary: tuple[Tensor, Tensor] | None,
+    mlp_rows: Tensor | None = None,
 ) -> tuple[Tensor, bool]:
     """One layer of a resumed run whose K mask groups have agreed on every receiver so far.
 
     Everything is computed once for the P prompts except the heads whose q / k / v inputs differ
     between the groups (computed per group, alone) and, once anything differs, the MLP. Returns the
     outgoing residual - [P, T, d] while the groups still agree, else [K*P, T, d] - and whether they
-    still agree. Same values as the plain loop in ``run`` (tests/test_runtime.py)."""
+    still agree. ``mlp_rows`` [K*P]: compute the MLP at these positions only (``_mlp_at``). Same
+    values as the plain loop in ``run`` (tests/test_runtime.py)."""
     g = spec.graph
     lay = spec.layers[layer]
     H = g.n_heads
@@ -506,7 +523,14 @@ def _layer_while_shared(
     else:
         delta = mixer.delta(g.mlp_upstream(layer), mlp_block)
         mlp_in = base if delta is None else base + delta[:, :, 0]
-    mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)  # [P | K*P, T, d]
+    if mlp_rows is None:
+        mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)  # [P | K*P, T, d]
+    elif mlp_in.shape[0] == mlp_rows.shape[0]:
+        mlp_out = _mlp_at(lay, mlp_in, mlp_rows)
+    elif bool((mlp_rows.view(K, -1) == mlp_rows[: mlp_in.shape[0]]).all()):  # the groups read the same positions
+        mlp_out = _mlp_at(lay, mlp_in, mlp_rows[: mlp_in.shape[0]])
+    else:
+        mlp_out = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in)
     if lay.post_mlp_norm is not None:
         mlp_out = ops.apply_norm(lay.post_mlp_norm, mlp_out)
     if g.parallel_residual:
@@ -514,6 +538,16 @@ def _layer_while_shared(
     store.add(first_head + H, mlp_out[:, :, None], shared=agree)
     resid = (resid + attn_out + mlp_out) if g.parallel_residual else (base + mlp_out)
     return resid, agree
+
+
+def _mlp_at(lay: LayerSpec, mlp_in: Tensor, positions: Tensor) -> Tensor:
+    """The MLP's output [N, T, d] from its input [N, T, d] computed at one position per row
+    (``positions`` [N]) and zero elsewhere: for the last layer's MLP, whose only reader is the
+    logits receiver, when only the logits at those positions are wanted."""
+    rows = torch.arange(mlp_in.shape[0], device=mlp_in.device)
+    out = torch.zeros_like(mlp_in)
+    out[rows, positions] = ops.mlp(lay.mlp, lay.mlp_norm, mlp_in[rows, positions])  # [N, d]
+    return out  # a post-MLP norm (Gemma) keeps the zeros zero
 
 
 def _final_while_shared(spec: ModelSpec, resid: Tensor, mixer: DenseMixer, K: int) -> Tensor:

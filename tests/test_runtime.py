@@ -304,6 +304,42 @@ def test_groups_that_agree_until_one_receiver_equal_separate_runs(name: str, dif
                 assert torch.allclose(grid[k * P : (k + 1) * P], alone, atol=1e-5), (density, k)
 
 
+@pytest.mark.parametrize("name", ["gpt2", "neox-parallel", "gemma2"])
+def test_logits_at_read_positions_equal_the_full_logits_there(name: str) -> None:
+    """With ``read_positions`` the last MLP runs at those positions only; the logits there must be
+    those of the full run, fresh or resumed, for a shared mask, a grid of masks and a grid whose
+    groups agree up to one receiver."""
+    spec = _spec(name)
+    g = spec.graph
+    P, K = 3, 2
+    ids, corrupted = random_ids(P, 8, seed=23), random_ids(P, 8, seed=24)
+    values = rt.corrupted_values(spec, corrupted)
+    where = torch.tensor([7, 3, 5])
+    clean = rt.clean_run(spec, ids)
+    gen = torch.Generator().manual_seed(6)
+    layer = g.n_layers - 1
+    first = g.qkv_receivers(layer).start
+    mask = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < 0.5).float() * g.edge_mask
+    grid = (torch.rand(K, g.n_senders, g.n_receivers, generator=gen) < 0.5).float() * g.edge_mask
+    with torch.no_grad():
+        full = rt.run(spec, ids, mask=mask, ablation=values).logits  # [P, T, V]
+        read = rt.run(spec, ids, mask=mask, ablation=values, read_positions=where).logits  # [P, V]
+        assert torch.allclose(read, full[torch.arange(P), where], atol=1e-5)
+        full = rt.run(spec, ids.repeat(K, 1), mask=grid, ablation=values).logits
+        read = rt.run(spec, ids.repeat(K, 1), mask=grid, ablation=values, read_positions=where.repeat(K)).logits
+        assert torch.allclose(read, full[torch.arange(K * P), where.repeat(K)], atol=1e-5)
+        start = clean.at(spec, layer)
+        for r in (first + 1, g.logits_receiver):  # the groups part at a query slot, at the logits
+            late = mask.repeat(K, 1, 1)
+            late[:, :, :first] = 0
+            late[1, :, r] = (1.0 - late[1, :, r]) * g.edge_mask[:, r]
+            full = rt.run(spec, ids.repeat(K, 1), mask=late, ablation=values, start=start).logits
+            read = rt.run(
+                spec, ids.repeat(K, 1), mask=late, ablation=values, start=start, read_positions=where.repeat(K)
+            ).logits
+            assert torch.allclose(read, full[torch.arange(K * P), where.repeat(K)], atol=1e-5), r
+
+
 def test_sparse_edits_equal_one_hot_masks() -> None:
     spec = _spec("llama-gqa")
     g = spec.graph
