@@ -173,11 +173,16 @@ def _mix(D: Tensor, W: Tensor) -> Tensor:
     return out.view(K, P, T, -1, d)
 
 
+def _covers(a: Tensor, b: Tensor) -> bool:
+    """Whether ``b`` broadcasts to ``a``'s shape (same number of dimensions)."""
+    return all(m == n or n == 1 for m, n in zip(a.shape, b.shape, strict=True))
+
+
 def _add(a: Tensor, b: Tensor) -> Tensor:
     """a + b for two partial sums made by this module (no gradient): into the larger one in place."""
-    if a.shape != torch.broadcast_shapes(a.shape, b.shape):
+    if not _covers(a, b):
         a, b = b, a
-    return a.add_(b) if a.shape == torch.broadcast_shapes(a.shape, b.shape) else a + b
+    return a.add_(b) if _covers(a, b) else a + b
 
 
 def _full_shape(delta: Tensor, K: int, P: int, T: int) -> Tensor:
@@ -250,7 +255,7 @@ class _MaskMixer:
             base = base[:, :, :, None, :]  # broadcast over receivers
             if total is None:
                 total = base.clone()  # never hand out the store's own sums
-            elif total.shape == torch.broadcast_shapes(total.shape, base.shape):
+            elif _covers(total, base):
                 total = total.neg_().add_(base)  # total is this call's own tensor
             else:
                 total = base - total
