@@ -252,6 +252,11 @@ def run(
     layer's incoming residual. ``observe(layer, name, tensor)``: sees each layer's q, k, v,
     attention pattern (computed explicitly when observed), per-head outputs and MLP output - e.g.
     to register gradient hooks on them; it must not modify them.
+
+    Two shortcuts leave every returned value as it would be without them: a resumed run of K mask
+    groups (no gradient, ablation values per prompt or shared) is computed once for its P prompts
+    up to the first receiver whose mask differs between groups (``_layer_while_shared``), and when
+    only the logits at ``read_positions`` are asked for, the last MLP runs at those positions only.
     """
     g = spec.graph
     H, d = g.n_heads, spec.d_model
