@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from circuits.experiment import Experiment
-from circuits.metrics import make_metric
+from circuits.methods import acdc as acdc_module
 from circuits.methods.acdc import acdc
+from circuits.metrics import make_metric
 from graphs import runtime as rt
 from graphs.adapters import build_spec
 from tests.conftest import make_tiny, random_task
@@ -61,6 +62,19 @@ def test_speculative_equals_sequential_and_naive(name: str, tau: float) -> None:
     assert torch.equal(fast.circuit.in_circuit, naive)
     g = exp.spec.graph
     assert 0 < fast.circuit.n_edges < g.n_edges  # the threshold prunes, but not everything
+
+
+@pytest.mark.parametrize("name,tau", [("gpt2-mini", 0.01), ("neox-mini", 0.03)])
+def test_predicted_keeps_save_passes_and_change_nothing(name: str, tau: float, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Candidates that a wasted trial showed to matter are predicted kept, so they no longer end a
+    batch: fewer passes, the same circuit and scores as without predictions."""
+    exp = _experiment(name)
+    predicted = acdc(exp, tau)
+    monkeypatch.setattr(acdc_module, "_learn_from_wasted", lambda *args: None)
+    plain = acdc(exp, tau)
+    assert torch.equal(predicted.circuit.in_circuit, plain.circuit.in_circuit)
+    assert torch.allclose(predicted.scores.values, plain.scores.values, atol=1e-6)
+    assert predicted.passes < plain.passes
 
 
 def test_acdc_decisions_follow_the_threshold() -> None:

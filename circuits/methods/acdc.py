@@ -11,10 +11,15 @@ rule "KL increases by less than tau". Edges into a node that no longer has any o
 change the output; they are removed without a forward pass (score 0), as in the original.
 
 ACDC is sequential by nature. Here candidates are evaluated *speculatively*: for the next k
-candidates of a receiver one batched pass evaluates the k cumulative removals (most are accepted),
-the decisions are replayed in order, and evaluation restarts after the first rejection. The masks
-evaluated - and therefore the circuit - are exactly those of the plain sequential algorithm.
-Every pass resumes from a clean checkpoint at the receiver's layer.
+candidates of a receiver one batched pass evaluates k trials along a predicted path of decisions
+(trial j removes candidate j on top of the predicted decisions for the candidates before it), the
+decisions are replayed in order, and evaluation restarts after the first decision that differs
+from its prediction. Every candidate is predicted removed (most are) unless a trial wasted after
+an earlier misprediction already showed it raising the metric drop by at least ``tau``: such a
+candidate is usually kept, and predicting that keeps it from ending the next batch. Each decision
+is taken from a trial whose state is exactly the sequential algorithm's, so the circuit and the
+scores are those of the plain sequential algorithm. Every pass resumes from a clean checkpoint at
+the receiver's layer.
 
 Long runs: ``checkpoint=`` saves the whole search state (removed edges, scores, the current metric,
 the position in the receiver loop and the speculation width) after every pass, atomically; a run
@@ -124,6 +129,23 @@ class _Evaluator:
         return (self.reducer.sum(sums) / self.n_total).float()
 
 
+def _learn_from_wasted(
+    predicted_kept: Tensor, batch: list[int], guesses: list[bool], values: list[float], r: int, start: float, tau: float
+) -> None:
+    """Predictions for the candidates whose trials a misprediction wasted.
+
+    Those trials followed the predicted path from a state that turned out wrong (``start``: its
+    metric, the one the mispredicted trial assumed), so they decide nothing; but each still shows how
+    much its candidate drops the metric near the current circuit. A drop of at least ``tau``
+    predicts the candidate kept."""
+    previous = start
+    for c, guess, value in zip(batch, guesses, values, strict=True):
+        drop = previous - value
+        predicted_kept[c, r] = drop >= tau
+        if not guess:
+            previous = value  # this trial's removal stays on the speculative path
+
+
 def _layer_of(graph: ComputationGraph, receiver: int) -> int:
     node = graph.receivers[receiver].node
     return graph.n_layers if node.kind is NodeKind.LOGITS else int(node.layer)  # type: ignore[arg-type]
@@ -143,6 +165,7 @@ class _State:
 
     removed: Tensor  # [S, R] bool
     scores: Tensor  # [S, R] float32
+    predicted_kept: Tensor  # [S, R] bool: candidates the next batch assumes kept
     current: float
     r: int
     i: int
@@ -154,7 +177,7 @@ class _State:
         if checkpoint is not None and is_root:
             meta = {"current": self.current, "r": self.r, "i": self.i, "width": self.width, "full": full,
                     "evaluations": self.evaluations, "passes": self.passes, "tau": tau}
-            checkpoint.save({"removed": self.removed, "scores": self.scores}, meta)
+            checkpoint.save({"removed": self.removed, "scores": self.scores, "predicted_kept": self.predicted_kept}, meta)
 
 
 def acdc(
@@ -182,19 +205,22 @@ def acdc(
     full = evaluate.full()
     state = _State(
         torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool), torch.zeros(g.n_senders, g.n_receivers),
-        full, g.n_receivers - 1, 0, speculation,
+        torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool), full, g.n_receivers - 1, 0, speculation,
     )
     saved = red.broadcast_state(checkpoint.load() if checkpoint is not None and red.is_root else None)
     if saved is not None:
         tensors, meta = saved
         where = checkpoint.path if checkpoint is not None else "the progress file"
-        restore(tensors, {"removed": state.removed, "scores": state.scores}, where)
+        into = {"removed": state.removed, "scores": state.scores}
+        if "predicted_kept" in tensors:  # progress files of earlier versions: no predictions (same circuit)
+            into["predicted_kept"] = state.predicted_kept
+        restore(tensors, into, where)
         if float(meta.get("tau", tau)) != float(tau):
             raise CheckpointError(f"progress file {where} was made with tau={meta['tau']}, not {tau}")
         state.current, state.r, state.i, state.width = float(meta["current"]), int(meta["r"]), int(meta["i"]), int(meta["width"])
         state.evaluations, state.passes = int(meta["evaluations"]), int(meta["passes"])
         evaluate.evaluations, evaluate.passes = state.evaluations, state.passes
-    removed, scores = state.removed, state.scores
+    removed, scores, predicted_kept = state.removed, state.scores, state.predicted_kept
     bar = progress_bar(g.n_edges, f"ACDC (tau={tau:g})", progress, "edge")
     bar.update(sum(g.n_upstream[r] for r in range(state.r + 1, g.n_receivers)) + state.i)
     while state.r >= 0:
@@ -211,26 +237,32 @@ def acdc(
         while state.r == r and state.i < len(candidates):
             i, width = state.i, state.width
             k = min(width, len(candidates) - i)
+            batch = candidates[i : i + k]
+            keep_guess = predicted_kept[batch, r].tolist()
             trial = removed.unsqueeze(0).repeat(k, 1, 1)
-            for j in range(k):
-                trial[j:, candidates[i + j], r] = True  # trial j removes candidates i .. i+j
-            values = evaluate(trial, layer)
+            for j, c in enumerate(batch):
+                trial[j, c, r] = True  # trial j removes candidate j ...
+                if not keep_guess[j]:
+                    trial[j + 1 :, c, r] = True  # ... and the later trials assume it removed
+            values = evaluate(trial, layer).tolist()
             previous = state.current
-            accepted = k
-            for j in range(k):
-                value = float(values[j])
-                scores[candidates[i + j], r] = value - previous
-                if previous - value < tau:
-                    previous = value
-                else:
-                    accepted = j  # candidates i .. i+j-1 removed, i+j kept
+            tried = k
+            for j, c in enumerate(batch):
+                before = previous
+                scores[c, r] = values[j] - before
+                remove = before - values[j] < tau
+                if remove:
+                    removed[c, r] = True
+                    previous = values[j]
+                if remove == keep_guess[j]:  # the later trials assumed the other decision
+                    tried = j + 1
+                    assumed = before if keep_guess[j] else values[j]  # the metric the later trials built on
+                    _learn_from_wasted(predicted_kept, batch[tried:], keep_guess[tried:], values[tried:], r, assumed, tau)
                     break
-            removed[candidates[i : i + accepted], r] = True
             state.current = previous
-            tried = accepted + (0 if accepted == k else 1)
             state.i = i + tried
             bar.update(tried)
-            state.width = min(max_speculation, width * 2) if accepted == k else max(1, accepted + 1)
+            state.width = min(max_speculation, width * 2) if tried == k else max(1, tried)
             state.evaluations, state.passes = evaluate.evaluations, evaluate.passes
             if state.i >= len(candidates):
                 state.r, state.i = r - 1, 0
