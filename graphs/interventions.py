@@ -20,6 +20,9 @@ Two ways to state which edges are ablated:
 
 Both read sender deltas ``D_u = A_u - a_u`` from a ``SenderDeltas`` store that the run fills block
 by block (input, each layer's heads, each layer's MLP) in topological order.
+
+Every mixer's ``delta`` returns a tensor the caller owns (never a view of the store's sums), so the
+runtime may add the residual into it in place when no gradient is needed.
 """
 
 from __future__ import annotations

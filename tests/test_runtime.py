@@ -240,40 +240,14 @@ def test_grid_masks_equal_separate_runs() -> None:
             assert torch.allclose(grid[k], alone, atol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel"])
-def test_acdc_shaped_grids_equal_separate_runs(name: str) -> None:
-    """ACDC's grids: K masks equal everywhere but in one receiver's column, resumed at its layer.
-    The mixer then mixes the shared prefix's deltas once for all groups and joins blocks into one
-    product; each group must still equal its own run."""
-    spec = _spec(name)
-    g = spec.graph
-    P, K, layer = 2, 4, 1
-    ids, corrupted = random_ids(P, 7, seed=19), random_ids(P, 7, seed=20)
-    values = rt.corrupted_values(spec, corrupted)
-    clean = rt.clean_run(spec, ids)
-    gen = torch.Generator().manual_seed(4)
-    first = g.qkv_receivers(layer).start
-    for density in (0.1, 0.9):  # direct sums and complement sums
-        base = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < density).float() * g.edge_mask
-        base[:, :first] = 0
-        r = g.qkv_receivers(layer).start + 1  # the receiver whose edges the groups try
-        masks = base.repeat(K, 1, 1)
-        for k in range(K):
-            masks[k, : g.n_upstream[r], r] = (torch.rand(g.n_upstream[r], generator=gen) < 0.5).float()
-        with torch.no_grad():
-            grid = rt.run(spec, ids.repeat(K, 1), mask=masks, ablation=values, start=clean.at(spec, layer)).logits
-            for k in range(K):
-                alone = rt.run(spec, ids, mask=masks[k], ablation=values).logits
-                assert torch.allclose(grid[k * P : (k + 1) * P], alone, atol=1e-5), (density, k)
-
-
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel", "gemma2", "gemma3"])
 @pytest.mark.parametrize("differ", ["q", "k+v", "mlp", "logits", "none"])
 def test_groups_that_agree_until_one_receiver_equal_separate_runs(name: str, differ: str) -> None:
-    """A resumed grid is computed once for its prompts until the first receiver whose mask differs
-    between groups (then only the heads with a differing slot, or the MLP, per group). Each group
-    must equal its own run, wherever the groups part: a query slot, the key and value slots of two
-    heads, the MLP, the logits, or nowhere."""
+    """ACDC's grids: K masks equal everywhere but in some receivers' columns, resumed at a layer.
+    The grid is computed once for its prompts until the first receiver whose mask differs between
+    groups (then only the heads with a differing slot, or the MLP, per group), and the mixer mixes
+    the shared prefix's deltas once for all groups. Each group must equal its own run, wherever the
+    groups part: a query slot, the key and value slots of two heads, the MLP, the logits, or nowhere."""
     spec = _spec(name)
     g = spec.graph
     H = g.n_heads
@@ -290,7 +264,7 @@ def test_groups_that_agree_until_one_receiver_equal_separate_runs(name: str, dif
         "logits": [g.logits_receiver],
         "none": [],
     }[differ]
-    for density in (0.2, 0.8):  # direct sums and complement sums
+    for density in (0.1, 0.9):  # direct sums and complement sums
         base = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < density).float() * g.edge_mask
         base[:, : qkv.start] = 0
         masks = base.repeat(K, 1, 1)
