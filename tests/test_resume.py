@@ -76,6 +76,39 @@ ck.Checkpointer.save = _slow_save
 """
 
 
+class _OldFormatCrash(Exception):
+    pass
+
+
+class _OldFormatCheckpointer(Checkpointer):
+    """Writes ACDC progress as versions before predicted keeps did (no ``predicted_kept``), then
+    stops the run after ``saves`` writes."""
+
+    def __init__(self, path: Path, saves: int) -> None:
+        super().__init__(path, "acdc-run")
+        self.left = saves
+
+    def save(self, tensors: Any, meta: Any) -> None:
+        super().save({k: v for k, v in tensors.items() if k != "predicted_kept"}, meta)
+        self.left -= 1
+        if self.left == 0:
+            raise _OldFormatCrash
+
+
+def test_acdc_resumes_a_progress_file_without_predictions(tmp_path: Path) -> None:
+    """A progress file written before predicted keeps existed still resumes; without its
+    predictions the search evaluates other masks but ends with the same circuit and scores."""
+    path = tmp_path / "acdc.safetensors"
+    with pytest.raises(_OldFormatCrash):
+        acdc(_acdc_experiment(), 0.01, checkpoint=_OldFormatCheckpointer(path, saves=8))
+    saved = Checkpointer(path, "acdc-run").load()
+    assert saved is not None and "predicted_kept" not in saved[0] and saved[1]["r"] >= 0
+    resumed = acdc(_acdc_experiment(), 0.01, checkpoint=Checkpointer(path, "acdc-run"))
+    plain = acdc(_acdc_experiment(), 0.01)
+    assert torch.equal(resumed.circuit.in_circuit, plain.circuit.in_circuit)
+    assert torch.allclose(resumed.scores.values, plain.scores.values, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- ACDC, killed
 def test_acdc_killed_midway_resumes_to_the_uninterrupted_circuit(tmp_path: Path) -> None:
     path = tmp_path / "acdc.safetensors"

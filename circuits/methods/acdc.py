@@ -21,7 +21,7 @@ is taken from a trial whose state is exactly the sequential algorithm's, so the 
 scores are those of the plain sequential algorithm. Every pass resumes from a clean checkpoint at
 the receiver's layer.
 
-Long runs: ``checkpoint=`` saves the whole search state (removed edges, scores, the current metric,
+Long runs: ``checkpoint=`` saves the whole search state (removed edges, scores, predicted keeps, the current metric,
 the position in the receiver loop and the speculation width) after every pass, atomically; a run
 resumed from it evaluates exactly the masks the uninterrupted run would have, so it ends with the
 same circuit. On a shard of a distributed run (``circuits.distributed``) every mask's metric sum is
