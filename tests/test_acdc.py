@@ -96,3 +96,36 @@ def test_huge_tau_removes_everything() -> None:
     assert loose.circuit.n_edges == 0
     with pytest.raises(ValueError):
         acdc(exp, -1.0)
+
+
+@pytest.mark.parametrize("name", ["gpt2-mini", "llama-gqa", "neox-parallel", "mistral-window"])
+def test_downstream_trials_equal_full_runs_at_every_pass(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ACDC's trials recompute only what the changed receiver reaches, from base runs it moves from
+    receiver to receiver; at every pass of a whole search (two batches, every kind of receiver) the
+    trials' metrics must equal those of full runs with the same masks."""
+    exp = _experiment(name)
+    checked = []
+    downstream_trials = acdc_module._DownstreamEvaluator.trials
+
+    def compare(self, removed: torch.Tensor, receiver: int, columns: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        got = downstream_trials(self, removed, receiver, columns)
+        want = acdc_module._Evaluator.trials(self, removed, receiver, columns)
+        assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (exp.spec.graph.receivers[receiver], got, want)
+        checked.append(receiver)
+        return got
+
+    monkeypatch.setattr(acdc_module._DownstreamEvaluator, "trials", compare)
+    result = acdc(exp, 0.01)
+    assert len(set(checked)) > exp.spec.graph.n_layers  # receivers in every layer were tried
+    assert 0 < result.circuit.n_edges
+
+
+@pytest.mark.parametrize("name,cache_floats", [("gemma2", acdc_module.CACHE_FLOATS), ("gpt2-mini", 1)])
+def test_full_run_trials_where_downstream_trials_do_not_apply(name: str, cache_floats: int) -> None:
+    """Post-attention norms (a changed head changes its whole layer) and datasets that are not all
+    cached use full runs per trial; the circuit is still the naive algorithm's."""
+    exp = _experiment(name, n=2)
+    evaluator = acdc_module._Evaluator(exp, 256, cache_floats)
+    assert not acdc_module._DownstreamEvaluator.fits(exp, evaluator, cache_floats)
+    result = acdc(exp, 0.02, cache_floats=cache_floats)
+    assert torch.equal(result.circuit.in_circuit, _naive_acdc(exp, 0.02))

@@ -18,8 +18,14 @@ from its prediction. Every candidate is predicted removed (most are) unless a tr
 an earlier misprediction already showed it raising the metric drop by at least ``tau``: such a
 candidate is usually kept, and predicting that keeps it from ending the next batch. Each decision
 is taken from a trial whose state is exactly the sequential algorithm's, so the circuit and the
-scores are those of the plain sequential algorithm. Every pass resumes from a clean checkpoint at
-the receiver's layer.
+scores are those of the plain sequential algorithm.
+
+A trial differs from the current circuit only in the edges into one receiver, so it can change only
+the nodes that receiver's node reaches through kept edges - a few percent of the edges once the
+later layers are pruned. Trials recompute just those nodes from a base run of the current circuit
+(``graphs.downstream``; the base run is made afresh at each layer's first receiver and updated as
+receivers are decided). Models with post-attention norms (Gemma), and datasets too large to keep
+cached with their base runs, use full runs resumed from a clean checkpoint at the receiver's layer.
 
 Long runs: ``checkpoint=`` saves the whole search state (removed edges, scores, predicted keeps, the current metric,
 the position in the receiver loop and the speculation width) after every pass, atomically; a run
@@ -42,6 +48,7 @@ from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
 from circuits.numerics import score
 from circuits.progress import progress_bar
+from graphs import downstream
 from graphs import runtime as rt
 from graphs.circuit import Circuit
 from graphs.graph import ComputationGraph
@@ -128,6 +135,78 @@ class _Evaluator:
         self.passes += 1
         return (self.reducer.sum(sums) / self.n_total).float()
 
+    def start_receiver(self, removed: Tensor, receiver: int) -> None:
+        """Called before the trials of ``receiver`` (``removed``: the circuit, that receiver's
+        column as decided so far)."""
+
+    def trials(self, removed: Tensor, receiver: int, columns: Tensor) -> Tensor:
+        """Dataset means [K] of the circuits ``removed`` with receiver's column replaced by
+        ``columns[k]`` [K, n_upstream]."""
+        masks = removed.unsqueeze(0).repeat(columns.shape[0], 1, 1)
+        masks[:, : columns.shape[1], receiver] = columns
+        return self(masks, _layer_of(self.experiment.spec.graph, receiver))
+
+
+class _DownstreamEvaluator(_Evaluator):
+    """``_Evaluator`` whose trials recompute only what the changed receiver reaches through kept
+    edges (``graphs.downstream``), from a base run of the current circuit per batch.
+
+    The base runs are made afresh at the first receiver of every layer (the logits count as a
+    layer) and moved from receiver to receiver within the layer by setting the decided columns
+    (``downstream.with_column``). A resumed run rebuilds them the same way - afresh with this
+    layer's columns cleared, then column by column - so it computes bitwise what the uninterrupted
+    run computed."""
+
+    def __init__(self, plain: _Evaluator) -> None:
+        self.__dict__.update(plain.__dict__)
+        self.bases: list[downstream.BaseRun] = []
+        self.layer: int | None = None  # the layer of the base runs
+        self.pending = 0  # the base runs have every column of this layer above this receiver set
+
+    @staticmethod
+    def fits(experiment: Experiment, evaluator: _Evaluator, cache_floats: int) -> bool:
+        """Whether every batch is cached and the base runs fit next to them in ``cache_floats``."""
+        g, d = experiment.spec.graph, experiment.spec.d_model
+        if not (evaluator.cached_all and downstream.supports(experiment.spec)):
+            return False
+        used = sum(_floats(b, c) for b, c in evaluator.prepared)
+        bases = sum(b.clean_ids.numel() for b, _ in evaluator.prepared) * (g.n_senders + g.n_receivers) * d
+        return used + bases <= cache_floats
+
+    def start_receiver(self, removed: Tensor, receiver: int) -> None:
+        g, spec = self.experiment.spec.graph, self.experiment.spec
+        layer = _layer_of(g, receiver)
+        if layer != self.layer:
+            last = g.logits_receiver if layer == g.n_layers else g.mlp_receiver(layer)
+            mask = removed.clone()
+            mask[:, receiver : last + 1] = False  # the layer as it was before its first receiver
+            self.bases = [downstream.base_run(spec, b.clean_ids, mask, b.ablation, b.read_positions) for b, _ in self.prepared]
+            self.layer, self.pending = layer, last
+        for r in range(self.pending, receiver, -1):  # the receivers decided since
+            column = removed[: g.n_upstream[r], r]
+            self.bases = [
+                downstream.with_column(spec, base, r, column, b.ablation)
+                for (b, _), base in zip(self.prepared, self.bases, strict=True)
+            ]
+        self.pending = receiver
+
+    @torch.no_grad()
+    def trials(self, removed: Tensor, receiver: int, columns: Tensor) -> Tensor:
+        spec = self.experiment.spec
+        K = columns.shape[0]
+        sums = torch.zeros(K, dtype=torch.float64)
+        for (batch, _), base in zip(self.prepared, self.bases, strict=True):
+            P = batch.size
+            step = max(1, self.max_rows // P)
+            for lo in range(0, K, step):
+                part = columns[lo : lo + step]
+                k = part.shape[0]
+                logits = downstream.column_trials(spec, base, receiver, part, batch.ablation)  # [k*P, V]
+                sums[lo : lo + k] += score(self.experiment, batch, logits.view(k, P, -1)).sum(1).double()
+        self.evaluations += K
+        self.passes += 1
+        return (self.reducer.sum(sums) / self.n_total).float()
+
 
 def _learn_from_wasted(
     predicted_kept: Tensor, batch: list[int], guesses: list[bool], values: list[float], r: int, start: float, tau: float
@@ -200,6 +279,8 @@ def acdc(
         raise ValueError("need 1 <= speculation <= max_speculation")
     g = experiment.spec.graph
     evaluate = _Evaluator(experiment, max_rows, cache_floats)
+    if _DownstreamEvaluator.fits(experiment, evaluate, cache_floats):
+        evaluate = _DownstreamEvaluator(evaluate)
     red = evaluate.reducer
     edge_mask = g.edge_mask
     full = evaluate.full()
@@ -233,18 +314,19 @@ def acdc(
             state.r, state.i = r - 1, 0
             state.save(checkpoint, red.is_root, full, tau)
             continue
-        layer = _layer_of(g, r)
+        evaluate.start_receiver(removed, r)
+        n = g.n_upstream[r]
         while state.r == r and state.i < len(candidates):
             i, width = state.i, state.width
             k = min(width, len(candidates) - i)
             batch = candidates[i : i + k]
             keep_guess = predicted_kept[batch, r].tolist()
-            trial = removed.unsqueeze(0).repeat(k, 1, 1)
+            trial = removed[:n, r].unsqueeze(0).repeat(k, 1)  # [k, n]: receiver r's column per trial
             for j, c in enumerate(batch):
-                trial[j, c, r] = True  # trial j removes candidate j ...
+                trial[j, c] = True  # trial j removes candidate j ...
                 if not keep_guess[j]:
-                    trial[j + 1 :, c, r] = True  # ... and the later trials assume it removed
-            values = evaluate(trial, layer).tolist()
+                    trial[j + 1 :, c] = True  # ... and the later trials assume it removed
+            values = evaluate.trials(removed, r, trial).tolist()
             previous = state.current
             tried = k
             for j, c in enumerate(batch):

@@ -1,0 +1,204 @@
+"""K variants of one intervened run that differ only in the edges into one receiver.
+
+ACDC tries, for one receiver ``r`` at a time, ablating some of its incoming edges on top of the
+current circuit. A trial can change only ``r``'s node and the nodes reachable from it through edges
+the circuit keeps; every other node has the value it has in the current circuit's own run (the
+*base run*). So a trial recomputes just those nodes, each from its base input plus what its kept
+edges from changed senders bring (the delta form of DESIGN.md section 4):
+
+    in_r(trial) = in_r(base) + sum_u (M_trial[u, r] - M_base[u, r]) (A_u - a_u(base))
+    in_n(trial) = in_n(base) + sum_{s changed, s -> n kept} (a_s(trial) - a_s(base))    (n != r)
+
+(``r``'s senders lie upstream of ``r``, so the trial leaves their outputs as in the base run.)
+ACDC circuits keep a few percent of the edges, so a trial usually recomputes a handful of heads and
+MLPs instead of every layer from ``r`` on. The values are ``runtime.run``'s with the trial's mask,
+up to float rounding (tests/test_downstream.py).
+
+Rows are the grid of ``runtime``: row ``k * P + p`` is trial ``k`` on prompt ``p``. Models whose
+heads' sender outputs depend on the other heads of their layer (a post-attention norm, Gemma) are
+not supported (``supports``): there a changed head changes its whole layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from graphs import ops
+from graphs import runtime as rt
+from graphs.adapters.spec import ModelSpec
+
+__all__ = ["BaseRun", "base_run", "column_trials", "supports", "with_column"]
+
+
+def supports(spec: ModelSpec) -> bool:
+    """Whether ``column_trials`` can run this model (no post-attention norms)."""
+    return all(layer.post_attn_norm is None for layer in spec.layers)
+
+
+@dataclass(frozen=True)
+class BaseRun:
+    """One intervened run of P prompts, with what every node read and wrote."""
+
+    mask: Tensor  # [S, R] bool: the ablated edges
+    senders: Tensor  # [P, T, S, d] every sender's output
+    inputs: Tensor  # [P, T, R, d] every receiver's input
+    read_positions: Tensor  # [P]: where the logits are read
+
+
+@torch.no_grad()
+def base_run(
+    spec: ModelSpec, input_ids: Tensor, mask: Tensor, ablation: rt.AblationValues, read_positions: Tensor
+) -> BaseRun:
+    """Run ``input_ids`` [P, T] with the bool edge mask [S, R], keeping every sender and receiver."""
+    read = torch.zeros_like(read_positions)  # the logits are not kept: read one position
+    out = rt.run(spec, input_ids, mask=mask, ablation=ablation, read_positions=read, keep_senders=True, keep_receivers=True)
+    assert out.senders is not None and out.receivers is not None
+    inputs = rt.ReceiverInputs.dense(out.receivers.as_list())  # [P, T, R, d]
+    return BaseRun(mask.clone(), out.senders.contiguous(), inputs, read_positions)
+
+
+class _Changes:
+    """The senders a trial changed so far and their deltas ``a_s(trial) - a_s(base)`` [K*P, T, d]."""
+
+    def __init__(self, kept: Tensor) -> None:
+        self.kept = kept  # [S, R] bool: edges of the base circuit that carry the current run's values
+        self.senders: list[int] = []
+        self.deltas: list[Tensor] = []
+
+    def add(self, sender: int, delta: Tensor) -> None:
+        self.senders.append(sender)
+        self.deltas.append(delta)
+
+    def into(self, receivers: range) -> tuple[list[int], Tensor | None]:
+        """(receivers of the block whose kept edges carry a change, their input deltas [K*P, T, n, d])."""
+        if not self.senders:
+            return [], None
+        reads = self.kept[self.senders][:, receivers.start : receivers.stop].to(self.deltas[0].dtype)  # [a, nb]
+        hit = reads.any(0).nonzero().flatten().tolist()
+        if not hit:
+            return [], None
+        weights = reads[:, hit].T  # [n, a]
+        if len(self.senders) == 1:
+            stacked = self.deltas[0][:, :, None, :]  # [K*P, T, 1, d]
+        else:
+            stacked = torch.stack(self.deltas, dim=2)  # [K*P, T, a, d]
+        return [receivers.start + i for i in hit], torch.matmul(weights, stacked)  # [K*P, T, n, d]
+
+
+def _over_groups(t: Tensor, K: int) -> Tensor:
+    """[P, ...] -> [K*P, ...] (a copy the caller may change in place)."""
+    return t.repeat(K, *([1] * (t.dim() - 1)))
+
+
+def _minus_base(new: Tensor, base: Tensor, K: int) -> Tensor:
+    """``new`` [K*P, ...] minus ``base`` [P, ...] for every group."""
+    return (new.view(K, *base.shape) - base).view(new.shape)
+
+
+@dataclass
+class _Trials:
+    """What K trials changed: sender deltas and the logits receiver's input at the read positions."""
+
+    changes: _Changes
+    inputs: dict[int, Tensor]  # receiver -> input delta [K*P, T, d] (receivers whose input changed)
+    final: Tensor  # [K*P, d] the logits receiver's input at the read positions
+
+
+def _propagate(
+    spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues, full_positions: bool
+) -> _Trials:
+    """Recompute the nodes K trials change (see the module docstring). ``full_positions``: compute
+    the last MLP at every position (to update the base run), not only at the read positions."""
+    g = spec.graph
+    P, T, _, d = base.senders.shape
+    K, n = column.shape
+    if n != g.n_upstream[receiver]:
+        raise rt.RuntimeInputError(f"receiver {receiver} has {g.n_upstream[receiver]} senders, column has {n}")
+    dtype = base.senders.dtype
+    change = column.to(dtype) - base.mask[:n, receiver].to(dtype)  # [K, n]: +1 newly ablated, -1 restored
+    touched = change.abs().sum(0).nonzero().flatten()
+    D = ablation.values[:, :, touched] - base.senders[:, :, touched]  # [P, T, c, d]
+    delta_r = torch.einsum("kc,ptcd->kptd", change[:, touched], D.expand(P, T, -1, -1)).reshape(K * P, T, d)
+    inputs = {receiver: delta_r}
+
+    changes = _Changes(g.edge_mask & ~base.mask)
+    rows = torch.arange(K * P, device=delta_r.device)
+    read = base.read_positions.repeat(K)  # [K*P]
+    positions = rt.positions_for(spec, T)
+    L, H = g.n_layers, g.n_heads
+    first = L if receiver == g.logits_receiver else int(g.receivers[receiver].node.layer)  # type: ignore[arg-type]
+    for layer in range(first, L):
+        lay = spec.layers[layer]
+        qkv = g.qkv_receivers(layer)
+        hit, block = changes.into(range(qkv.start, qkv.stop))
+        slot_delta = {} if block is None else {r: block[:, :, i] for i, r in enumerate(hit)}
+        if qkv.start <= receiver < qkv.stop:
+            slot_delta[receiver] = delta_r
+        inputs.update(slot_delta)
+        if slot_delta:
+            which = sorted({(r - qkv.start) % H for r in slot_delta})
+            slots = [qkv.start + s * H + h for s in range(3) for h in which]  # q slots, k slots, v slots
+            x = _over_groups(base.inputs[:, :, slots], K)  # [K*P, T, 3m, d]
+            for i, r in enumerate(slots):
+                if r in slot_delta:
+                    x[:, :, i] += slot_delta[r]
+            fn = spec.rotary_for(layer)
+            rotary = None if fn is None else fn(base.inputs[:, :, 0], positions)
+            heads = torch.tensor(which, dtype=torch.long)
+            new = ops.attention_heads_of_slots(lay.attn.only_heads(heads), lay.attn_norm, x, rotary)  # [K*P, T, m, d]
+            for i, h in enumerate(which):
+                s = g.head_sender(layer, h)
+                changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
+        m = g.mlp_receiver(layer)
+        hit, block = changes.into(range(m, m + 1))
+        if m != receiver and block is not None:
+            inputs[m] = block[:, :, 0]
+        if m not in inputs:
+            continue
+        s = g.mlp_sender(layer)
+        if layer == L - 1 and not full_positions:  # read by the logits alone: only the read positions matter
+            x = base.inputs[:, :, m][rows % P, read] + inputs[m][rows, read]  # [K*P, d]
+            out = torch.zeros(K * P, T, d, dtype=dtype, device=x.device)
+            out[rows, read] = ops.mlp_sender(lay, x) - base.senders[rows % P, read, s]
+            changes.add(s, out)
+        else:
+            x = _over_groups(base.inputs[:, :, m], K)
+            x += inputs[m]
+            changes.add(s, _minus_base(ops.mlp_sender(lay, x), base.senders[:, :, s], K))
+
+    lr = g.logits_receiver
+    if receiver != lr:
+        hit, block = changes.into(range(lr, lr + 1))
+        if block is not None:
+            inputs[lr] = block[:, :, 0]
+    final = base.inputs[:, :, lr][rows % P, read]  # [K*P, d]
+    if lr in inputs:
+        final = final + inputs[lr][rows, read]
+    return _Trials(changes, inputs, final)
+
+
+@torch.no_grad()
+def column_trials(
+    spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues
+) -> Tensor:
+    """Logits [K*P, V] at the read positions of K trials: trial ``k`` is the base run with receiver
+    ``receiver``'s incoming edges ablated as ``column[k]`` [K, n_upstream] (bool) says."""
+    return rt.unembed(spec, _propagate(spec, base, receiver, column, ablation, full_positions=False).final)
+
+
+@torch.no_grad()
+def with_column(spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues) -> BaseRun:
+    """The base run with receiver ``receiver``'s incoming edges ablated as ``column`` [n_upstream]
+    (bool) says, updated in the nodes that changes: ACDC's next base run once a receiver is decided."""
+    trial = _propagate(spec, base, receiver, column[None], ablation, full_positions=True)
+    senders, inputs = base.senders.clone(), base.inputs.clone()
+    for s, delta in zip(trial.changes.senders, trial.changes.deltas, strict=True):
+        senders[:, :, s] += delta
+    for r, delta in trial.inputs.items():
+        inputs[:, :, r] += delta
+    mask = base.mask.clone()
+    mask[: column.shape[0], receiver] = column
+    return BaseRun(mask, senders, inputs, base.read_positions)

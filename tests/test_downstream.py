@@ -1,0 +1,81 @@
+"""Trials that change one receiver's incoming edges, recomputing only what the kept edges reach,
+must give the logits of a full run with each trial's mask (the oracle: ``runtime.run``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from graphs import downstream
+from graphs import runtime as rt
+from graphs.adapters import build_spec
+from tests.conftest import POST_NORM_MODELS, TINY_MODELS, make_tiny, random_ids
+
+
+def _receivers(g) -> dict[str, int]:  # type: ignore[no-untyped-def]
+    return {
+        "q of the first layer": g.slot_receiver(0, 1, "q"),
+        "k of a middle layer": g.qkv_receivers(1).start + g.n_heads + 0,
+        "v of the last layer": g.qkv_receivers(g.n_layers - 1).start + 2 * g.n_heads + 1,
+        "first MLP": g.mlp_receiver(0),
+        "last MLP": g.mlp_receiver(g.n_layers - 1),
+        "logits": g.logits_receiver,
+    }
+
+
+@pytest.mark.parametrize("name", sorted(set(TINY_MODELS) - POST_NORM_MODELS))
+@pytest.mark.parametrize("density", [0.05, 0.5, 0.95])
+def test_column_trials_equal_full_runs(name: str, density: float) -> None:
+    """For every kind of receiver and mostly kept, half kept and mostly ablated circuits: K trials
+    (each ablating and restoring some of the receiver's edges) equal K full runs."""
+    spec = build_spec(make_tiny(name))
+    g = spec.graph
+    P, T, K = 3, 7, 4
+    ids, corrupted = random_ids(P, T, seed=31), random_ids(P, T, seed=32)
+    values = rt.corrupted_values(spec, corrupted)
+    read = torch.tensor([6, 2, 4])
+    gen = torch.Generator().manual_seed(int(density * 100))
+    for where, r in _receivers(g).items():
+        mask = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < density) & g.edge_mask
+        base = downstream.base_run(spec, ids, mask, values, read)
+        n = g.n_upstream[r]
+        column = torch.rand(K, n, generator=gen) < 0.5
+        column[0] = mask[:n, r]  # a trial equal to the base run
+        got = downstream.column_trials(spec, base, r, column, values)  # [K*P, V]
+        masks = mask.repeat(K, 1, 1)
+        masks[:, :n, r] = column
+        with torch.no_grad():
+            want = rt.run(spec, ids.repeat(K, 1), mask=masks, ablation=values, read_positions=read.repeat(K)).logits
+        assert got.shape == want.shape
+        assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (where, float((got - want).abs().max()))
+
+
+def test_post_norm_models_are_not_supported() -> None:
+    assert not downstream.supports(build_spec(make_tiny("gemma2")))
+    assert downstream.supports(build_spec(make_tiny("gpt2")))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel", "mistral-window"])
+def test_updating_the_base_run_column_by_column_equals_a_fresh_run(name: str) -> None:
+    """ACDC moves its base run from receiver to receiver with ``with_column``: after setting the
+    columns of the logits, the last MLP and slots of the last two layers one by one, every sender
+    output, every receiver input and the logits equal those of a fresh run with the final mask."""
+    spec = build_spec(make_tiny(name))
+    g = spec.graph
+    P, T = 2, 6
+    ids, corrupted = random_ids(P, T, seed=41), random_ids(P, T, seed=42)
+    values = rt.corrupted_values(spec, corrupted)
+    read = torch.tensor([5, 3])
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool)
+    base = downstream.base_run(spec, ids, mask, values, read)
+    later = range(g.qkv_receivers(g.n_layers - 2).start, g.n_receivers)
+    for r in reversed(later):
+        column = torch.rand(g.n_upstream[r], generator=gen) < 0.8
+        base = downstream.with_column(spec, base, r, column, values)
+        mask[: column.shape[0], r] = column
+    fresh = downstream.base_run(spec, ids, mask, values, read)
+    assert torch.equal(base.mask, fresh.mask)
+    assert torch.allclose(base.senders, fresh.senders, atol=2e-5)
+    assert torch.allclose(base.inputs, fresh.inputs, atol=2e-5)
+    assert not torch.allclose(base.inputs, downstream.base_run(spec, ids, mask & False, values, read).inputs, atol=1e-3)
