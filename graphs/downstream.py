@@ -21,6 +21,7 @@ not supported (``supports``): there a changed head changes its whole layer.
 
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass
 
 import torch
@@ -28,9 +29,10 @@ from torch import Tensor
 
 from graphs import ops
 from graphs import runtime as rt
-from graphs.adapters.spec import ModelSpec
+from graphs.adapters.spec import AttentionSpec, ModelSpec
+from graphs.graph import ComputationGraph
 
-__all__ = ["BaseRun", "base_run", "column_trials", "supports", "with_column"]
+__all__ = ["BaseRun", "Memo", "base_run", "column_finals", "column_trials", "supports", "with_column"]
 
 
 def supports(spec: ModelSpec) -> bool:
@@ -46,6 +48,7 @@ class BaseRun:
     senders: Tensor  # [P, T, S, d] every sender's output
     inputs: Tensor  # [P, T, R, d] every receiver's input
     read_positions: Tensor  # [P]: where the logits are read
+    readers: tuple[tuple[int, ...], ...]  # per sender, the receivers its kept edges reach
 
 
 @torch.no_grad()
@@ -57,14 +60,22 @@ def base_run(
     out = rt.run(spec, input_ids, mask=mask, ablation=ablation, read_positions=read, keep_senders=True, keep_receivers=True)
     assert out.senders is not None and out.receivers is not None
     inputs = rt.ReceiverInputs.dense(out.receivers.as_list())  # [P, T, R, d]
-    return BaseRun(mask.clone(), out.senders.contiguous(), inputs, read_positions)
+    return BaseRun(mask.clone(), out.senders.contiguous(), inputs, read_positions, _readers(spec.graph, mask))
+
+
+def _readers(graph: ComputationGraph, mask: Tensor) -> tuple[tuple[int, ...], ...]:
+    """Per sender, the receivers its kept (not ablated) edges reach, ascending."""
+    out: list[list[int]] = [[] for _ in range(graph.n_senders)]
+    for s, r in (graph.edge_mask & ~mask).nonzero().tolist():
+        out[s].append(r)
+    return tuple(tuple(rs) for rs in out)
 
 
 class _Changes:
     """The senders a trial changed so far and their deltas ``a_s(trial) - a_s(base)`` [K*P, T, d]."""
 
-    def __init__(self, kept: Tensor) -> None:
-        self.kept = kept  # [S, R] bool: edges of the base circuit that carry the current run's values
+    def __init__(self, readers: tuple[tuple[int, ...], ...]) -> None:
+        self.readers = readers  # per sender, the receivers that read its value in this run
         self.senders: list[int] = []
         self.deltas: list[Tensor] = []
 
@@ -72,20 +83,15 @@ class _Changes:
         self.senders.append(sender)
         self.deltas.append(delta)
 
-    def into(self, receivers: range) -> tuple[list[int], Tensor | None]:
-        """(receivers of the block whose kept edges carry a change, their input deltas [K*P, T, n, d])."""
-        if not self.senders:
-            return [], None
-        reads = self.kept[self.senders][:, receivers.start : receivers.stop].to(self.deltas[0].dtype)  # [a, nb]
-        hit = reads.any(0).nonzero().flatten().tolist()
-        if not hit:
-            return [], None
-        weights = reads[:, hit].T  # [n, a]
-        if len(self.senders) == 1:
-            stacked = self.deltas[0][:, :, None, :]  # [K*P, T, 1, d]
-        else:
-            stacked = torch.stack(self.deltas, dim=2)  # [K*P, T, a, d]
-        return [receivers.start + i for i in hit], torch.matmul(weights, stacked)  # [K*P, T, n, d]
+    def into(self, lo: int, hi: int) -> dict[int, Tensor]:
+        """Input deltas [K*P, T, d] of the receivers ``lo .. hi-1`` that kept edges from changed
+        senders reach (the tensors are shared with the store: do not change them in place)."""
+        out: dict[int, Tensor] = {}
+        for s, delta in zip(self.senders, self.deltas, strict=True):
+            readers = self.readers[s]
+            for r in readers[bisect.bisect_left(readers, lo) : bisect.bisect_left(readers, hi)]:
+                out[r] = delta if r not in out else out[r] + delta
+        return out
 
 
 def _over_groups(t: Tensor, K: int) -> Tensor:
@@ -98,6 +104,29 @@ def _minus_base(new: Tensor, base: Tensor, K: int) -> Tensor:
     return (new.view(K, *base.shape) - base).view(new.shape)
 
 
+class Memo:
+    """What the trials of one search can reuse: attention layers restricted to sets of heads and
+    rotary tables (one per layer and prompt length). Owned by the caller, one per search."""
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple[int, tuple[int, ...]], AttentionSpec] = {}
+        self._rotary: dict[tuple[int, int], tuple[Tensor, Tensor] | None] = {}
+
+    def heads(self, spec: ModelSpec, layer: int, which: list[int]) -> AttentionSpec:
+        key = (layer, tuple(which))
+        if key not in self._heads:
+            self._heads[key] = spec.layers[layer].attn.only_heads(torch.tensor(which, dtype=torch.long))
+        return self._heads[key]
+
+    def rotary(self, spec: ModelSpec, layer: int, like: Tensor) -> tuple[Tensor, Tensor] | None:
+        """cos / sin of ``layer``'s rotary embedding for inputs shaped like ``like`` [P, T, d]."""
+        key = (layer, like.shape[1])
+        if key not in self._rotary:
+            fn = spec.rotary_for(layer)
+            self._rotary[key] = None if fn is None else fn(like, rt.positions_for(spec, like.shape[1]))
+        return self._rotary[key]
+
+
 @dataclass
 class _Trials:
     """What K trials changed: sender deltas and the logits receiver's input at the read positions."""
@@ -108,7 +137,13 @@ class _Trials:
 
 
 def _propagate(
-    spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues, full_positions: bool
+    spec: ModelSpec,
+    base: BaseRun,
+    receiver: int,
+    column: Tensor,
+    ablation: rt.AblationValues,
+    full_positions: bool,
+    memo: Memo | None,
 ) -> _Trials:
     """Recompute the nodes K trials change (see the module docstring). ``full_positions``: compute
     the last MLP at every position (to update the base run), not only at the read positions."""
@@ -124,17 +159,17 @@ def _propagate(
     delta_r = torch.einsum("kc,ptcd->kptd", change[:, touched], D.expand(P, T, -1, -1)).reshape(K * P, T, d)
     inputs = {receiver: delta_r}
 
-    changes = _Changes(g.edge_mask & ~base.mask)
+    changes = _Changes(base.readers)
+    at_read: list[Tensor] = []  # changes of the logits receiver's input at the read positions [K*P, d]
     rows = torch.arange(K * P, device=delta_r.device)
     read = base.read_positions.repeat(K)  # [K*P]
-    positions = rt.positions_for(spec, T)
+    memo = Memo() if memo is None else memo
     L, H = g.n_layers, g.n_heads
     first = L if receiver == g.logits_receiver else int(g.receivers[receiver].node.layer)  # type: ignore[arg-type]
     for layer in range(first, L):
         lay = spec.layers[layer]
         qkv = g.qkv_receivers(layer)
-        hit, block = changes.into(range(qkv.start, qkv.stop))
-        slot_delta = {} if block is None else {r: block[:, :, i] for i, r in enumerate(hit)}
+        slot_delta = changes.into(qkv.start, qkv.stop)
         if qkv.start <= receiver < qkv.stop:
             slot_delta[receiver] = delta_r
         inputs.update(slot_delta)
@@ -145,55 +180,61 @@ def _propagate(
             for i, r in enumerate(slots):
                 if r in slot_delta:
                     x[:, :, i] += slot_delta[r]
-            fn = spec.rotary_for(layer)
-            rotary = None if fn is None else fn(base.inputs[:, :, 0], positions)
-            heads = torch.tensor(which, dtype=torch.long)
-            new = ops.attention_heads_of_slots(lay.attn.only_heads(heads), lay.attn_norm, x, rotary)  # [K*P, T, m, d]
+            rotary = memo.rotary(spec, layer, base.inputs[:, :, 0])
+            new = ops.attention_heads_of_slots(memo.heads(spec, layer, which), lay.attn_norm, x, rotary)  # [K*P, T, m, d]
             for i, h in enumerate(which):
                 s = g.head_sender(layer, h)
                 changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
         m = g.mlp_receiver(layer)
-        hit, block = changes.into(range(m, m + 1))
-        if m != receiver and block is not None:
-            inputs[m] = block[:, :, 0]
+        inputs.update(changes.into(m, m + 1))
         if m not in inputs:
             continue
         s = g.mlp_sender(layer)
         if layer == L - 1 and not full_positions:  # read by the logits alone: only the read positions matter
             x = base.inputs[:, :, m][rows % P, read] + inputs[m][rows, read]  # [K*P, d]
-            out = torch.zeros(K * P, T, d, dtype=dtype, device=x.device)
-            out[rows, read] = ops.mlp_sender(lay, x) - base.senders[rows % P, read, s]
-            changes.add(s, out)
+            if g.logits_receiver in base.readers[s]:
+                at_read.append(ops.mlp_sender(lay, x) - base.senders[rows % P, read, s])
         else:
             x = _over_groups(base.inputs[:, :, m], K)
             x += inputs[m]
             changes.add(s, _minus_base(ops.mlp_sender(lay, x), base.senders[:, :, s], K))
 
     lr = g.logits_receiver
-    if receiver != lr:
-        hit, block = changes.into(range(lr, lr + 1))
-        if block is not None:
-            inputs[lr] = block[:, :, 0]
+    if full_positions and receiver != lr:
+        inputs.update(changes.into(lr, lr + 1))
+    if receiver == lr:
+        at_read.append(delta_r[rows, read])
+    at_read.extend(delta[rows, read] for s, delta in zip(changes.senders, changes.deltas, strict=True) if lr in base.readers[s])
     final = base.inputs[:, :, lr][rows % P, read]  # [K*P, d]
-    if lr in inputs:
-        final = final + inputs[lr][rows, read]
+    for part in at_read:
+        final = final + part
     return _Trials(changes, inputs, final)
 
 
 @torch.no_grad()
+def column_finals(
+    spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues, memo: Memo | None = None
+) -> Tensor:
+    """Final residuals [K*P, d] (the logits receiver's input) at the read positions of K trials:
+    trial ``k`` is the base run with receiver ``receiver``'s incoming edges ablated as ``column[k]``
+    [K, n_upstream] (bool) says. ``memo``: reuse restricted layers across calls."""
+    return _propagate(spec, base, receiver, column, ablation, False, memo).final
+
+
 def column_trials(
     spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues
 ) -> Tensor:
-    """Logits [K*P, V] at the read positions of K trials: trial ``k`` is the base run with receiver
-    ``receiver``'s incoming edges ablated as ``column[k]`` [K, n_upstream] (bool) says."""
-    return rt.unembed(spec, _propagate(spec, base, receiver, column, ablation, full_positions=False).final)
+    """Logits [K*P, V] at the read positions of the trials of ``column_finals``."""
+    return rt.unembed(spec, column_finals(spec, base, receiver, column, ablation))
 
 
 @torch.no_grad()
-def with_column(spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues) -> BaseRun:
+def with_column(
+    spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues, memo: Memo | None = None
+) -> BaseRun:
     """The base run with receiver ``receiver``'s incoming edges ablated as ``column`` [n_upstream]
     (bool) says, updated in the nodes that changes: ACDC's next base run once a receiver is decided."""
-    trial = _propagate(spec, base, receiver, column[None], ablation, full_positions=True)
+    trial = _propagate(spec, base, receiver, column[None], ablation, True, memo)
     senders, inputs = base.senders.clone(), base.inputs.clone()
     for s, delta in zip(trial.changes.senders, trial.changes.deltas, strict=True):
         senders[:, :, s] += delta
@@ -201,4 +242,4 @@ def with_column(spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, a
         inputs[:, :, r] += delta
     mask = base.mask.clone()
     mask[: column.shape[0], receiver] = column
-    return BaseRun(mask, senders, inputs, base.read_positions)
+    return BaseRun(mask, senders, inputs, base.read_positions, _readers(spec.graph, mask))

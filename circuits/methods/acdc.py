@@ -48,6 +48,7 @@ from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
 from circuits.numerics import score
 from circuits.progress import progress_bar
+from circuits.residual_metric import ResidualScorer
 from graphs import downstream
 from graphs import runtime as rt
 from graphs.circuit import Circuit
@@ -159,6 +160,9 @@ class _DownstreamEvaluator(_Evaluator):
 
     def __init__(self, plain: _Evaluator) -> None:
         self.__dict__.update(plain.__dict__)
+        spec = self.experiment.spec
+        self.scorers = [ResidualScorer.for_batch(spec, b) for b, _ in self.prepared]  # None: score the logits
+        self.memo = downstream.Memo()
         self.bases: list[downstream.BaseRun] = []
         self.layer: int | None = None  # the layer of the base runs
         self.pending = 0  # the base runs have every column of this layer above this receiver set
@@ -185,7 +189,7 @@ class _DownstreamEvaluator(_Evaluator):
         for r in range(self.pending, receiver, -1):  # the receivers decided since
             column = removed[: g.n_upstream[r], r]
             self.bases = [
-                downstream.with_column(spec, base, r, column, b.ablation)
+                downstream.with_column(spec, base, r, column, b.ablation, self.memo)
                 for (b, _), base in zip(self.prepared, self.bases, strict=True)
             ]
         self.pending = receiver
@@ -195,14 +199,17 @@ class _DownstreamEvaluator(_Evaluator):
         spec = self.experiment.spec
         K = columns.shape[0]
         sums = torch.zeros(K, dtype=torch.float64)
-        for (batch, _), base in zip(self.prepared, self.bases, strict=True):
+        for (batch, _), base, scorer in zip(self.prepared, self.bases, self.scorers, strict=True):
             P = batch.size
             step = max(1, self.max_rows // P)
             for lo in range(0, K, step):
                 part = columns[lo : lo + step]
                 k = part.shape[0]
-                logits = downstream.column_trials(spec, base, receiver, part, batch.ablation)  # [k*P, V]
-                sums[lo : lo + k] += score(self.experiment, batch, logits.view(k, P, -1)).sum(1).double()
+                final = downstream.column_finals(spec, base, receiver, part, batch.ablation, self.memo)  # [k*P, d]
+                values = None if scorer is None else scorer(final.view(k, P, -1))  # [k, P]
+                if values is None or not bool(torch.isfinite(values).all()):  # score the logits (names bad prompts)
+                    values = score(self.experiment, batch, rt.unembed(spec, final).view(k, P, -1))
+                sums[lo : lo + k] += values.sum(1).double()
         self.evaluations += K
         self.passes += 1
         return (self.reducer.sum(sums) / self.n_total).float()
