@@ -28,7 +28,7 @@ from graphs import ops
 from graphs.adapters.spec import ModelSpec
 
 SUPPORTED = frozenset({"logit_diff", "prob_diff", "logprob", "kl"})
-CHUNK_BYTES = 2**21  # one vocabulary chunk of the unembedding (a few of them fit in L2 / L3)
+CHUNK_BYTES = 2**22  # one vocabulary chunk of the unembedding (fastest at 2-4 MiB on this CPU, docs/scale.md)
 
 
 @dataclass(frozen=True)
@@ -43,17 +43,23 @@ class ResidualScorer:
     reference_term: Tensor | None  # [P] float64: sum_v p_v log p_v over the support (kl)
     projected: Tensor | None  # [P, d] float64: sum_v p_v W_U[v] (kl without soft-capping)
     reference_bias: Tensor | None  # [P] float64: sum_v p_v b_U[v]
+    unembedding: Tensor  # [d, V] W_U transposed, contiguous: chunks of its columns multiply fastest here
 
     @staticmethod
     @torch.no_grad()
-    def for_batch(spec: ModelSpec, batch: PreparedBatch) -> ResidualScorer | None:
+    def for_batch(spec: ModelSpec, batch: PreparedBatch, unembedding: Tensor | None = None) -> ResidualScorer | None:
+        """The scorer of ``batch``, or None for metrics it cannot compute. ``unembedding``: the
+        ``[d, V]`` contiguous transpose of ``W_U``, to share one copy between batches."""
         name = batch.metric.name
         if name not in SUPPORTED:
             return None
         answers = batch.answers.long() if batch.metric.uses_answers else None
         wrongs = batch.wrongs.long() if batch.metric.uses_wrongs else None
+        if name == "logit_diff":
+            return ResidualScorer(spec, name, answers, wrongs, None, None, None, None, spec.W_U.T)
+        W_T = spec.W_U.T.contiguous() if unembedding is None else unembedding  # [d, V]
         if name != "kl":
-            return ResidualScorer(spec, name, answers, wrongs, None, None, None, None)
+            return ResidualScorer(spec, name, answers, wrongs, None, None, None, None, W_T)
         if batch.reference is None:
             return None
         ref_lp = F.log_softmax(batch.reference.to(spec.dtype), dim=-1)  # [P, V] (a no-op on log-probs)
@@ -64,7 +70,7 @@ class ResidualScorer:
         if spec.final_softcap is None:  # sum_v p_v z_v is linear in the normed residual
             projected = _chunked_sum(p, spec.W_U)  # [P, d]
             bias = None if spec.b_U is None else p.double() @ spec.b_U.double()
-        return ResidualScorer(spec, name, None, None, p, term, projected, bias)
+        return ResidualScorer(spec, name, None, None, p, term, projected, bias, W_T)
 
     @torch.no_grad()
     def __call__(self, final: Tensor) -> Tensor:
@@ -103,14 +109,14 @@ class ResidualScorer:
         """(lse [K, P], sum_v p_v z_v [K, P] or None) over vocabulary chunks, in float64."""
         K, P, d = x.shape
         flat = x.reshape(K * P, d)
-        W, b = self.spec.W_U, self.spec.b_U
-        V = W.shape[0]
+        W, b = self.unembedding, self.spec.b_U  # [d, V]
+        V = W.shape[1]
         step = max(16, CHUNK_BYTES // (W.element_size() * d))
         with_p = self.metric == "kl" and self.projected is None
         maxima, sums = [], []
         pz = torch.zeros(K, P, dtype=torch.float64, device=x.device) if with_p else None
         for lo in range(0, V, step):
-            z = torch.mm(flat, W[lo : lo + step].T)  # [K*P, c]
+            z = torch.mm(flat, W[:, lo : lo + step])  # [K*P, c]
             if b is not None:
                 z += b[lo : lo + step]
             z = _softcap(z, self.spec.final_softcap)

@@ -155,14 +155,17 @@ def _propagate(
     dtype = base.senders.dtype
     change = column.to(dtype) - base.mask[:n, receiver].to(dtype)  # [K, n]: +1 newly ablated, -1 restored
     touched = change.abs().sum(0).nonzero().flatten()
+    rows = torch.arange(K * P, device=change.device)
+    read = base.read_positions.repeat(K)  # [K*P]
+    lr = g.logits_receiver
+    if touched.numel() == 0:  # every trial is the base run
+        return _Trials(_Changes(base.readers), {}, base.inputs[:, :, lr][rows % P, read])
     D = ablation.values[:, :, touched] - base.senders[:, :, touched]  # [P, T, c, d]
     delta_r = torch.einsum("kc,ptcd->kptd", change[:, touched], D.expand(P, T, -1, -1)).reshape(K * P, T, d)
     inputs = {receiver: delta_r}
 
     changes = _Changes(base.readers)
     at_read: list[Tensor] = []  # changes of the logits receiver's input at the read positions [K*P, d]
-    rows = torch.arange(K * P, device=delta_r.device)
-    read = base.read_positions.repeat(K)  # [K*P]
     memo = Memo() if memo is None else memo
     L, H = g.n_layers, g.n_heads
     first = L if receiver == g.logits_receiver else int(g.receivers[receiver].node.layer)  # type: ignore[arg-type]
@@ -199,7 +202,6 @@ def _propagate(
             x += inputs[m]
             changes.add(s, _minus_base(ops.mlp_sender(lay, x), base.senders[:, :, s], K))
 
-    lr = g.logits_receiver
     if full_positions and receiver != lr:
         inputs.update(changes.into(lr, lr + 1))
     if receiver == lr:

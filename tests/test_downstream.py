@@ -79,3 +79,23 @@ def test_updating_the_base_run_column_by_column_equals_a_fresh_run(name: str) ->
     assert torch.allclose(base.senders, fresh.senders, atol=2e-5)
     assert torch.allclose(base.inputs, fresh.inputs, atol=2e-5)
     assert not torch.allclose(base.inputs, downstream.base_run(spec, ids, mask & False, values, read).inputs, atol=1e-3)
+
+
+def test_trials_equal_to_the_base_run_change_nothing() -> None:
+    """Columns equal to the base run's (nothing to recompute) give the base run's logits and leave
+    it as it is."""
+    spec = build_spec(make_tiny("gpt2"))
+    g = spec.graph
+    ids, corrupted = random_ids(2, 5, seed=51), random_ids(2, 5, seed=52)
+    values = rt.corrupted_values(spec, corrupted)
+    read = torch.tensor([4, 2])
+    mask = (torch.rand(g.n_senders, g.n_receivers, generator=torch.Generator().manual_seed(4)) < 0.5) & g.edge_mask
+    base = downstream.base_run(spec, ids, mask, values, read)
+    r = g.mlp_receiver(0)
+    column = mask[: g.n_upstream[r], r]
+    got = downstream.column_trials(spec, base, r, column.repeat(3, 1), values)
+    with torch.no_grad():
+        want = rt.run(spec, ids, mask=mask, ablation=values, read_positions=read).logits
+    assert torch.allclose(got, want.repeat(3, 1), atol=2e-5)
+    same = downstream.with_column(spec, base, r, column, values)
+    assert torch.equal(same.senders, base.senders) and torch.equal(same.inputs, base.inputs)

@@ -161,7 +161,8 @@ class _DownstreamEvaluator(_Evaluator):
     def __init__(self, plain: _Evaluator) -> None:
         self.__dict__.update(plain.__dict__)
         spec = self.experiment.spec
-        self.scorers = [ResidualScorer.for_batch(spec, b) for b, _ in self.prepared]  # None: score the logits
+        W_T = spec.W_U.T.contiguous()  # [d, V], shared by the batches' scorers
+        self.scorers = [ResidualScorer.for_batch(spec, b, W_T) for b, _ in self.prepared]  # None: score the logits
         self.memo = downstream.Memo()
         self.bases: list[downstream.BaseRun] = []
         self.layer: int | None = None  # the layer of the base runs
