@@ -28,6 +28,7 @@ from graphs import ops
 from graphs.adapters.spec import ModelSpec
 
 SUPPORTED = frozenset({"logit_diff", "prob_diff", "logprob", "kl"})
+FEW_ROWS = 16  # up to this many rows the logits are computed in one product W_U @ x^T (docs/scale.md)
 CHUNK_BYTES = 2**22  # one vocabulary chunk of the unembedding (fastest at 2-4 MiB on this CPU, docs/scale.md)
 
 
@@ -115,14 +116,18 @@ class ResidualScorer:
         with_p = self.metric == "kl" and self.projected is None
         maxima, sums = [], []
         pz = torch.zeros(K, P, dtype=torch.float64, device=x.device) if with_p else None
-        for lo in range(0, V, step):
-            z = torch.mm(flat, W[:, lo : lo + step])  # [K*P, c]
+        few = K * P <= FEW_ROWS
+        for lo in range(0, V, V if few else step):
+            if few:  # all logits at once, as W_U @ x^T: CPU BLAS streams W_U fastest that way round
+                z = torch.mm(self.spec.W_U, flat.T).T  # [K*P, V] (a transposed view)
+            else:
+                z = torch.mm(flat, W[:, lo : lo + step])  # [K*P, c]
             if b is not None:
-                z += b[lo : lo + step]
+                z += b[lo : lo + z.shape[1]]
             z = _softcap(z, self.spec.final_softcap)
             if pz is not None:
                 assert self.reference is not None
-                pz += (z.view(K, P, -1) * self.reference[:, lo : lo + step]).sum(-1).double()
+                pz += (z.reshape(K, P, -1) * self.reference[:, lo : lo + z.shape[1]]).sum(-1).double()
             top = z.amax(dim=1, keepdim=True)  # [K*P, 1]
             maxima.append(top)
             sums.append(z.sub_(top).exp_().sum(dim=1, keepdim=True))

@@ -27,10 +27,14 @@ def _variants(name: str):  # type: ignore[no-untyped-def]
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "gemma2"])
 @pytest.mark.parametrize("metric", sorted(residual_metric.SUPPORTED))
-def test_streamed_metrics_equal_the_metrics_of_the_logits(name: str, metric: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Several vocabulary chunks (the chunk size is shrunk below the tiny vocabulary), answer sets
-    with padding and duplicates, an output bias and soft-capping."""
+@pytest.mark.parametrize("few_rows", [0, 16])
+def test_streamed_metrics_equal_the_metrics_of_the_logits(
+    name: str, metric: str, few_rows: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Several vocabulary chunks (the chunk size is shrunk below the tiny vocabulary) or, for a few
+    rows, one product; answer sets with padding and duplicates, an output bias and soft-capping."""
     monkeypatch.setattr(residual_metric, "CHUNK_BYTES", 1)  # chunks of 16 tokens
+    monkeypatch.setattr(residual_metric, "FEW_ROWS", few_rows)  # the 12 rows below: chunks, or one product
     for variant, spec in _variants(name):
         exp = Experiment(spec, random_task(4, 6, seed=7), make_metric(metric), batch_size=4)
         batch = next(iter(exp.batches()))
