@@ -49,6 +49,7 @@ class BaseRun:
     inputs: Tensor  # [P, T, R, d] every receiver's input
     read_positions: Tensor  # [P]: where the logits are read
     readers: tuple[tuple[int, ...], ...]  # per sender, the receivers its kept edges reach
+    patterns: Tensor  # [L, P, H, T, T] every head's attention pattern
 
 
 @torch.no_grad()
@@ -57,10 +58,21 @@ def base_run(
 ) -> BaseRun:
     """Run ``input_ids`` [P, T] with the bool edge mask [S, R], keeping every sender and receiver."""
     read = torch.zeros_like(read_positions)  # the logits are not kept: read one position
-    out = rt.run(spec, input_ids, mask=mask, ablation=ablation, read_positions=read, keep_senders=True, keep_receivers=True)
+    patterns: list[Tensor] = []
+
+    def keep_pattern(layer: int, name: str, tensor: Tensor) -> None:
+        if name == "pattern":
+            patterns.append(tensor)  # [P, H, T, T]
+
+    out = rt.run(
+        spec, input_ids, mask=mask, ablation=ablation, read_positions=read, keep_senders=True, keep_receivers=True,
+        observe=keep_pattern,
+    )
     assert out.senders is not None and out.receivers is not None
     inputs = rt.ReceiverInputs.dense(out.receivers.as_list())  # [P, T, R, d]
-    return BaseRun(mask.clone(), out.senders.contiguous(), inputs, read_positions, _readers(spec.graph, mask))
+    return BaseRun(
+        mask.clone(), out.senders.contiguous(), inputs, read_positions, _readers(spec.graph, mask), torch.stack(patterns)
+    )
 
 
 def _readers(graph: ComputationGraph, mask: Tensor) -> tuple[tuple[int, ...], ...]:
@@ -134,6 +146,7 @@ class _Trials:
     changes: _Changes
     inputs: dict[int, Tensor]  # receiver -> input delta [K*P, T, d] (receivers whose input changed)
     final: Tensor  # [K*P, d] the logits receiver's input at the read positions
+    patterns: dict[tuple[int, int], Tensor]  # (layer, head) -> changed attention pattern [K*P, T, T]
 
 
 def _propagate(
@@ -159,12 +172,13 @@ def _propagate(
     read = base.read_positions.repeat(K)  # [K*P]
     lr = g.logits_receiver
     if touched.numel() == 0:  # every trial is the base run
-        return _Trials(_Changes(base.readers), {}, base.inputs[:, :, lr][rows % P, read])
+        return _Trials(_Changes(base.readers), {}, base.inputs[:, :, lr][rows % P, read], {})
     D = ablation.values[:, :, touched] - base.senders[:, :, touched]  # [P, T, c, d]
     delta_r = torch.einsum("kc,ptcd->kptd", change[:, touched], D.expand(P, T, -1, -1)).reshape(K * P, T, d)
     inputs = {receiver: delta_r}
 
     changes = _Changes(base.readers)
+    patterns: dict[tuple[int, int], Tensor] = {}  # (layer, head) -> new pattern [K*P, T, T] (full_positions only)
     at_read: list[Tensor] = []  # changes of the logits receiver's input at the read positions [K*P, d]
     memo = Memo() if memo is None else memo
     L, H = g.n_layers, g.n_heads
@@ -176,16 +190,37 @@ def _propagate(
         if qkv.start <= receiver < qkv.stop:
             slot_delta[receiver] = delta_r
         inputs.update(slot_delta)
-        if slot_delta:
-            which = sorted({(r - qkv.start) % H for r in slot_delta})
-            slots = [qkv.start + s * H + h for s in range(3) for h in which]  # q slots, k slots, v slots
+        # heads whose queries or keys changed are recomputed whole; heads whose values alone changed
+        # keep the base run's attention pattern
+        patterned = sorted({(r - qkv.start) % H for r in slot_delta if r - qkv.start < 2 * H})
+        valued = sorted({(r - qkv.start) % H for r in slot_delta} - set(patterned))
+        if patterned:
+            slots = [qkv.start + s * H + h for s in range(3) for h in patterned]  # q slots, k slots, v slots
             x = _over_groups(base.inputs[:, :, slots], K)  # [K*P, T, 3m, d]
             for i, r in enumerate(slots):
                 if r in slot_delta:
                     x[:, :, i] += slot_delta[r]
             rotary = memo.rotary(spec, layer, base.inputs[:, :, 0])
-            new = ops.attention_heads_of_slots(memo.heads(spec, layer, which), lay.attn_norm, x, rotary)  # [K*P, T, m, d]
-            for i, h in enumerate(which):
+            sub = memo.heads(spec, layer, patterned)
+            if full_positions:  # the new patterns update the base run
+                q, k, v = ops.slot_qkv(sub, lay.attn_norm, x, rotary)
+                pattern = ops.attention_pattern(sub, q, k)  # [K*P, m, T, T]
+                new = ops.head_outputs(sub, torch.einsum("bhqk,bkhe->bqhe", pattern, v))
+                for i, h in enumerate(patterned):
+                    patterns[(layer, h)] = pattern[:, i]
+            else:
+                new = ops.attention_heads_of_slots(sub, lay.attn_norm, x, rotary)  # [K*P, T, m, d]
+            for i, h in enumerate(patterned):
+                s = g.head_sender(layer, h)
+                changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
+        if valued:
+            slots = [qkv.start + 2 * H + h for h in valued]
+            x = _over_groups(base.inputs[:, :, slots], K)  # [K*P, T, m, d]
+            for i, r in enumerate(slots):
+                x[:, :, i] += slot_delta[r]
+            pattern = _over_groups(base.patterns[layer][:, valued], K)  # [K*P, m, T, T]
+            new = ops.heads_from_pattern(memo.heads(spec, layer, valued), lay.attn_norm, x, pattern)  # [K*P, T, m, d]
+            for i, h in enumerate(valued):
                 s = g.head_sender(layer, h)
                 changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
         m = g.mlp_receiver(layer)
@@ -210,7 +245,7 @@ def _propagate(
     final = base.inputs[:, :, lr][rows % P, read]  # [K*P, d]
     for part in at_read:
         final = final + part
-    return _Trials(changes, inputs, final)
+    return _Trials(changes, inputs, final, patterns)
 
 
 @torch.no_grad()
@@ -242,6 +277,9 @@ def with_column(
         senders[:, :, s] += delta
     for r, delta in trial.inputs.items():
         inputs[:, :, r] += delta
+    patterns = base.patterns.clone()
+    for (layer, h), pattern in trial.patterns.items():
+        patterns[layer, :, h] = pattern
     mask = base.mask.clone()
     mask[: column.shape[0], receiver] = column
-    return BaseRun(mask, senders, inputs, base.read_positions, _readers(spec.graph, mask))
+    return BaseRun(mask, senders, inputs, base.read_positions, _readers(spec.graph, mask), patterns)

@@ -283,6 +283,14 @@ def attention_heads_of_slots(
     return _heads(spec, q, k, v, observe)
 
 
+def heads_from_pattern(spec: AttentionSpec, norm: NormSpec, x_v: Tensor, pattern: Tensor) -> Tensor:
+    """Per-head outputs [B, T, H, d] of heads whose attention pattern [B, H, T, T] is known, from
+    their (unnormalised) value inputs x_v [B, T, H, d]: when only the values' inputs changed, the
+    queries, keys and softmax need not be recomputed."""
+    v = _project(apply_norm(norm, x_v), spec.W_V, spec.b_V, spec.kv_head_of)  # [B, T, H, d_head]
+    return head_outputs(spec, torch.einsum("bhqk,bkhe->bqhe", pattern, v))
+
+
 def _heads(spec: AttentionSpec, q: Tensor, k: Tensor, v: Tensor, observe: Observer | None) -> Tensor:
     if observe is None:
         return head_outputs(spec, attend(spec, q, k, v))

@@ -78,6 +78,7 @@ def test_updating_the_base_run_column_by_column_equals_a_fresh_run(name: str) ->
     assert torch.equal(base.mask, fresh.mask)
     assert torch.allclose(base.senders, fresh.senders, atol=2e-5)
     assert torch.allclose(base.inputs, fresh.inputs, atol=2e-5)
+    assert torch.allclose(base.patterns, fresh.patterns, atol=2e-5)
     assert not torch.allclose(base.inputs, downstream.base_run(spec, ids, mask & False, values, read).inputs, atol=1e-3)
 
 

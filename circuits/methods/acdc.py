@@ -175,8 +175,9 @@ class _DownstreamEvaluator(_Evaluator):
         if not (evaluator.cached_all and downstream.supports(experiment.spec)):
             return False
         used = sum(_floats(b, c) for b, c in evaluator.prepared)
-        bases = sum(b.clean_ids.numel() for b, _ in evaluator.prepared) * (g.n_senders + g.n_receivers) * d
-        return used + bases <= cache_floats
+        nodes = sum(b.clean_ids.numel() for b, _ in evaluator.prepared) * (g.n_senders + g.n_receivers) * d
+        patterns = sum(b.clean_ids.numel() * b.clean_ids.shape[1] for b, _ in evaluator.prepared) * g.n_layers * g.n_heads
+        return used + nodes + patterns <= cache_floats
 
     def start_receiver(self, removed: Tensor, receiver: int) -> None:
         g, spec = self.experiment.spec.graph, self.experiment.spec
