@@ -17,32 +17,31 @@ from graphs.adapters import build_spec
 from tests.conftest import make_tiny, random_task
 
 
-def _variants(name: str):  # type: ignore[no-untyped-def]
-    spec = build_spec(make_tiny(name))
+def _variants(name: str, dtype: torch.dtype = torch.float32):  # type: ignore[no-untyped-def]
+    spec = build_spec(make_tiny(name, dtype=dtype))
     V = spec.W_U.shape[0]
     yield "plain", spec
-    yield "bias", dataclasses.replace(spec, b_U=torch.randn(V, generator=torch.Generator().manual_seed(1)))
+    yield "bias", dataclasses.replace(spec, b_U=torch.randn(V, generator=torch.Generator().manual_seed(1)).to(dtype))
     yield "soft-capped", dataclasses.replace(spec, final_softcap=3.0)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "gemma2"])
 @pytest.mark.parametrize("metric", sorted(residual_metric.SUPPORTED))
-@pytest.mark.parametrize("few_rows", [0, 16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_streamed_metrics_equal_the_metrics_of_the_logits(
-    name: str, metric: str, few_rows: int, monkeypatch: pytest.MonkeyPatch
+    name: str, metric: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Several vocabulary chunks (the chunk size is shrunk below the tiny vocabulary) or, for a few
-    rows, one product; answer sets with padding and duplicates, an output bias and soft-capping."""
+    """Several vocabulary chunks (the chunk size is shrunk below the tiny vocabulary), answer sets
+    with padding and duplicates, an output bias and soft-capping; float32 and float64."""
     monkeypatch.setattr(residual_metric, "CHUNK_BYTES", 1)  # chunks of 16 tokens
-    monkeypatch.setattr(residual_metric, "FEW_ROWS", few_rows)  # the 12 rows below: chunks, or one product
-    for variant, spec in _variants(name):
+    for variant, spec in _variants(name, dtype):
         exp = Experiment(spec, random_task(4, 6, seed=7), make_metric(metric), batch_size=4)
         batch = next(iter(exp.batches()))
         answers = torch.cat([batch.answers, torch.tensor([[-1], [3], [3], [-1]])], dim=1)  # padding, a duplicate
         batch = dataclasses.replace(batch, answers=answers)
         scorer = ResidualScorer.for_batch(spec, batch)
         assert scorer is not None
-        final = 3 * torch.randn(3, batch.size, spec.d_model, generator=torch.Generator().manual_seed(2))  # [K, P, d]
+        final = 3 * torch.randn(3, batch.size, spec.d_model, generator=torch.Generator().manual_seed(2)).to(dtype)  # [K, P, d]
         want = batch.score(rt.unembed(spec, final))  # [K, P]
         got = scorer(final)
         assert got.shape == want.shape
@@ -54,3 +53,13 @@ def test_other_metrics_have_no_scorer() -> None:
     custom = Metric("first_logit", "the logit of token 0", lambda x, a, w, r: x[..., 0], False, False)
     exp = Experiment(spec, random_task(2, 5), custom, batch_size=2)
     assert ResidualScorer.for_batch(spec, next(iter(exp.batches()))) is None
+
+
+def test_half_precision_products_stay_in_torch() -> None:
+    """numpy has no bfloat16: such products run in torch, with the same values."""
+    x = torch.randn(5, 8, generator=torch.Generator().manual_seed(3))
+    W = torch.randn(8, 40, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(residual_metric._product(x, W), x @ W, atol=1e-5)
+    half = residual_metric._product(x.bfloat16(), W.bfloat16())
+    assert half.dtype == torch.bfloat16
+    assert torch.allclose(half.float(), (x.bfloat16() @ W.bfloat16()).float())
