@@ -11,7 +11,9 @@ edges from changed senders bring (the delta form of DESIGN.md section 4):
 
 (``r``'s senders lie upstream of ``r``, so the trial leaves their outputs as in the base run.)
 ACDC circuits keep a few percent of the edges, so a trial usually recomputes a handful of heads and
-MLPs instead of every layer from ``r`` on. The values are ``runtime.run``'s with the trial's mask,
+MLPs instead of every layer from ``r`` on. A head whose value input alone changed keeps the base
+run's attention pattern (no queries, keys or softmax), and the last MLP, read by the logits alone,
+runs at the read positions only. The values are ``runtime.run``'s with the trial's mask,
 up to float rounding (tests/test_downstream.py).
 
 Rows are the grid of ``runtime``: row ``k * P + p`` is trial ``k`` on prompt ``p``. Models whose
