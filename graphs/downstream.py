@@ -24,6 +24,7 @@ not supported (``supports``): there a changed head changes its whole layer.
 from __future__ import annotations
 
 import bisect
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -122,14 +123,20 @@ class Memo:
     """What the trials of one search can reuse: attention layers restricted to sets of heads and
     rotary tables (one per layer and prompt length). Owned by the caller, one per search."""
 
+    MAX_HEAD_SETS = 256  # restricted layers kept (each a copy of its heads' weights), least recently used dropped
+
     def __init__(self) -> None:
-        self._heads: dict[tuple[int, tuple[int, ...]], AttentionSpec] = {}
+        self._heads: OrderedDict[tuple[int, tuple[int, ...]], AttentionSpec] = OrderedDict()
         self._rotary: dict[tuple[int, int], tuple[Tensor, Tensor] | None] = {}
 
     def heads(self, spec: ModelSpec, layer: int, which: list[int]) -> AttentionSpec:
         key = (layer, tuple(which))
-        if key not in self._heads:
+        if key in self._heads:
+            self._heads.move_to_end(key)
+        else:
             self._heads[key] = spec.layers[layer].attn.only_heads(torch.tensor(which, dtype=torch.long))
+            if len(self._heads) > self.MAX_HEAD_SETS:
+                self._heads.popitem(last=False)
         return self._heads[key]
 
     def rotary(self, spec: ModelSpec, layer: int, like: Tensor) -> tuple[Tensor, Tensor] | None:

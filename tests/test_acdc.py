@@ -106,16 +106,18 @@ def test_downstream_trials_equal_full_runs_at_every_pass(name: str, monkeypatch:
     exp = _experiment(name)
     checked = []
     downstream_trials = acdc_module._DownstreamEvaluator.trials
+    plain = acdc_module._Evaluator(exp, 256)
 
     def compare(self, removed: torch.Tensor, receiver: int, columns: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
         got = downstream_trials(self, removed, receiver, columns)
-        want = acdc_module._Evaluator.trials(self, removed, receiver, columns)
+        want = plain.trials(removed, receiver, columns)
         assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), (exp.spec.graph.receivers[receiver], got, want)
         checked.append(receiver)
         return got
 
     monkeypatch.setattr(acdc_module._DownstreamEvaluator, "trials", compare)
     result = acdc(exp, 0.01)
+    assert result.full_metric == pytest.approx(plain.full(), abs=1e-6)
     assert len(set(checked)) > exp.spec.graph.n_layers  # receivers in every layer were tried
     assert 0 < result.circuit.n_edges
 

@@ -158,6 +158,32 @@ def _values(result: Any) -> torch.Tensor:
     return result.values if hasattr(result, "values") else result.scores.values
 
 
+def test_acdc_crashes_anywhere_in_a_layer_resume_bitwise(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """ACDC's trials build on a base run that is made afresh at each layer's first receiver and
+    then moved column by column; a run resumed in the middle of a layer rebuilds it the same way.
+    Crashes after every save of a search (every receiver, at its first and later passes) must each
+    resume to bitwise the uninterrupted scores, circuit, metric and pass count."""
+    plain = acdc(_acdc_experiment(), 0.01)
+    g = _acdc_experiment().spec.graph
+    mid_layer = 0
+    for saves in range(1, plain.passes + 1, 3):
+        path = tmp_path / f"acdc-{saves}.safetensors"
+        _crash_after(monkeypatch, saves=saves)
+        with pytest.raises(_Crash):
+            acdc(_acdc_experiment(), 0.01, checkpoint=Checkpointer(path, "acdc-run"))
+        monkeypatch.undo()
+        saved = Checkpointer(path, "acdc-run").load()
+        assert saved is not None
+        r = int(saved[1]["r"])
+        if 0 <= r < g.logits_receiver and r != g.mlp_receiver(g.receivers[r].node.layer):  # type: ignore[arg-type]
+            mid_layer += 1  # resumes after some of this layer's receivers were decided
+        resumed = acdc(_acdc_experiment(), 0.01, checkpoint=Checkpointer(path, "acdc-run"))
+        assert torch.equal(resumed.scores.values, plain.scores.values), saves
+        assert torch.equal(resumed.circuit.in_circuit, plain.circuit.in_circuit), saves
+        assert resumed.metric == plain.metric and resumed.passes == plain.passes, saves
+    assert mid_layer >= 3
+
+
 BATCH_METHODS: dict[str, Callable[..., Any]] = {
     "eap": lambda exp, c: eap(exp, checkpoint=c),
     "eap-ig": lambda exp, c: eap_ig(exp, steps=2, checkpoint=c),

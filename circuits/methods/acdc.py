@@ -43,6 +43,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from circuits import residual_metric
 from circuits.checkpoint import Checkpointer, CheckpointError, batches_from, restore
 from circuits.distributed import reducer
 from circuits.experiment import Experiment, PreparedBatch
@@ -161,8 +162,20 @@ class _DownstreamEvaluator(_Evaluator):
     def __init__(self, plain: _Evaluator) -> None:
         self.__dict__.update(plain.__dict__)
         spec = self.experiment.spec
-        W_T = spec.W_U.T.contiguous()  # [d, V], shared by the batches' scorers
+        streamed = self.experiment.metric.name in residual_metric.STREAMED
+        W_T = residual_metric.transposed_unembedding(spec) if streamed else None  # [d, V], shared by the batches
         self.scorers = [ResidualScorer.for_batch(spec, b, W_T) for b, _ in self.prepared]  # None: score the logits
+        # the full model's metric as the trials compute theirs (the first decisions compare with it)
+        total = torch.zeros((), dtype=torch.float64)
+        for (b, clean), scorer in zip(self.prepared, self.scorers, strict=True):
+            if scorer is None:
+                total += score(self.experiment, b, clean.logits).double().sum()
+            else:
+                final = clean.resid[-1][torch.arange(b.size), b.read_positions]  # [P, d]
+                total += scorer(final[None]).double().sum()
+        self.full_value = float(self.reducer.sum(total)) / self.n_total
+        self.batches = [b for b, _ in self.prepared]
+        self.prepared = []  # the clean runs are not needed any more
         self.memo = downstream.Memo()
         self.bases: list[downstream.BaseRun] = []
         self.layer: int | None = None  # the layer of the base runs
@@ -170,14 +183,23 @@ class _DownstreamEvaluator(_Evaluator):
 
     @staticmethod
     def fits(experiment: Experiment, evaluator: _Evaluator, cache_floats: int) -> bool:
-        """Whether every batch is cached and the base runs fit next to them in ``cache_floats``."""
-        g, d = experiment.spec.graph, experiment.spec.d_model
-        if not (evaluator.cached_all and downstream.supports(experiment.spec)):
+        """Whether every batch is cached and its base run fits next to them in ``cache_floats``:
+        the batches, every batch's base run (sender outputs, receiver inputs, attention patterns),
+        one more base run while a batch's is updated, and the transposed unembedding."""
+        spec = experiment.spec
+        g, d = spec.graph, spec.d_model
+        if not (evaluator.cached_all and downstream.supports(spec)):
             return False
         used = sum(_floats(b, c) for b, c in evaluator.prepared)
-        nodes = sum(b.clean_ids.numel() for b, _ in evaluator.prepared) * (g.n_senders + g.n_receivers) * d
-        patterns = sum(b.clean_ids.numel() * b.clean_ids.shape[1] for b, _ in evaluator.prepared) * g.n_layers * g.n_heads
-        return used + nodes + patterns <= cache_floats
+        per_batch = [
+            b.clean_ids.numel() * ((g.n_senders + g.n_receivers) * d + b.clean_ids.shape[1] * g.n_layers * g.n_heads)
+            for b, _ in evaluator.prepared
+        ]
+        unembedding = spec.W_U.numel() if experiment.metric.name in residual_metric.STREAMED else 0
+        return used + sum(per_batch) + max(per_batch) + unembedding <= cache_floats
+
+    def full(self) -> float:
+        return self.full_value
 
     def start_receiver(self, removed: Tensor, receiver: int) -> None:
         g, spec = self.experiment.spec.graph, self.experiment.spec
@@ -186,14 +208,14 @@ class _DownstreamEvaluator(_Evaluator):
             last = g.logits_receiver if layer == g.n_layers else g.mlp_receiver(layer)
             mask = removed.clone()
             mask[:, receiver : last + 1] = False  # the layer as it was before its first receiver
-            self.bases = [downstream.base_run(spec, b.clean_ids, mask, b.ablation, b.read_positions) for b, _ in self.prepared]
+            self.bases = []  # one batch's base run at a time: free the old ones first
+            for b in self.batches:
+                self.bases.append(downstream.base_run(spec, b.clean_ids, mask, b.ablation, b.read_positions))
             self.layer, self.pending = layer, last
         for r in range(self.pending, receiver, -1):  # the receivers decided since
             column = removed[: g.n_upstream[r], r]
-            self.bases = [
-                downstream.with_column(spec, base, r, column, b.ablation, self.memo)
-                for (b, _), base in zip(self.prepared, self.bases, strict=True)
-            ]
+            for i, b in enumerate(self.batches):
+                self.bases[i] = downstream.with_column(spec, self.bases[i], r, column, b.ablation, self.memo)
         self.pending = receiver
 
     @torch.no_grad()
@@ -201,7 +223,7 @@ class _DownstreamEvaluator(_Evaluator):
         spec = self.experiment.spec
         K = columns.shape[0]
         sums = torch.zeros(K, dtype=torch.float64)
-        for (batch, _), base, scorer in zip(self.prepared, self.bases, self.scorers, strict=True):
+        for batch, base, scorer in zip(self.batches, self.bases, self.scorers, strict=True):
             P = batch.size
             step = max(1, self.max_rows // P)
             for lo in range(0, K, step):
@@ -236,7 +258,8 @@ def _learn_from_wasted(
 
 def _next_width(width: int, tried: int, k: int, max_speculation: int) -> int:
     """The next batch's speculation width after ``tried`` of ``k`` trials decided something: double
-    after a batch whose predictions all held, else halve (keeping at least the trials that held).
+    after a batch that decided all its candidates (a misprediction at its last trial wastes
+    nothing), else halve (keeping at least the trials that decided).
 
     A pass costs a fixed part (streaming the unembedding, dispatching the layers) plus a part per
     trial, and the trials a misprediction wastes still predict the keeps of the next batch, so a
