@@ -109,11 +109,6 @@ class _Changes:
         return out
 
 
-def _over_groups(t: Tensor, K: int) -> Tensor:
-    """[P, ...] -> [K*P, ...] (a copy the caller may change in place)."""
-    return t.repeat(K, *([1] * (t.dim() - 1)))
-
-
 def _minus_base(new: Tensor, base: Tensor, K: int) -> Tensor:
     """``new`` [K*P, ...] minus ``base`` [P, ...] for every group."""
     return (new.view(K, *base.shape) - base).view(new.shape)
@@ -205,7 +200,7 @@ def _propagate(
         valued = sorted({(r - qkv.start) % H for r in slot_delta} - set(patterned))
         if patterned:
             slots = [qkv.start + s * H + h for s in range(3) for h in patterned]  # q slots, k slots, v slots
-            x = _over_groups(base.inputs[:, :, slots], K)  # [K*P, T, 3m, d]
+            x = rt.groups_of(base.inputs[:, :, slots], K)  # [K*P, T, 3m, d]
             for i, r in enumerate(slots):
                 if r in slot_delta:
                     x[:, :, i] += slot_delta[r]
@@ -224,10 +219,10 @@ def _propagate(
                 changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
         if valued:
             slots = [qkv.start + 2 * H + h for h in valued]
-            x = _over_groups(base.inputs[:, :, slots], K)  # [K*P, T, m, d]
+            x = rt.groups_of(base.inputs[:, :, slots], K)  # [K*P, T, m, d]
             for i, r in enumerate(slots):
                 x[:, :, i] += slot_delta[r]
-            pattern = _over_groups(base.patterns[layer][:, valued], K)  # [K*P, m, T, T]
+            pattern = rt.groups_of(base.patterns[layer][:, valued], K)  # [K*P, m, T, T]
             new = ops.heads_from_pattern(memo.heads(spec, layer, valued), lay.attn_norm, x, pattern)  # [K*P, T, m, d]
             for i, h in enumerate(valued):
                 s = g.head_sender(layer, h)
@@ -242,7 +237,7 @@ def _propagate(
             if g.logits_receiver in base.readers[s]:
                 at_read.append(ops.mlp_sender(lay, x) - base.senders[rows % P, read, s])
         else:
-            x = _over_groups(base.inputs[:, :, m], K)
+            x = rt.groups_of(base.inputs[:, :, m], K)
             x += inputs[m]
             changes.add(s, _minus_base(ops.mlp_sender(lay, x), base.senders[:, :, s], K))
 

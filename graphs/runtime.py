@@ -466,8 +466,8 @@ def _read(resid: Tensor, delta: Tensor) -> Tensor:
     return delta.add_(resid[:, :, None, :])
 
 
-def _groups_of(t: Tensor, K: int) -> Tensor:
-    """[P, ...] -> [K*P, ...]: the same rows for each of K groups (row k * P + p)."""
+def groups_of(t: Tensor, K: int) -> Tensor:
+    """[P, ...] -> [K*P, ...]: the same rows for each of K groups (row k * P + p), a fresh copy."""
     return t.repeat(K, *([1] * (t.dim() - 1)))
 
 
@@ -502,10 +502,10 @@ def _layer_while_shared(
     if not agree:
         which = torch.unique(differs % H)  # the heads with a slot that differs between groups
         slots = torch.cat([which, which + H, which + 2 * H])  # their q, k and v slots
-        resid = _groups_of(resid, K)  # [K*P, T, d]
+        resid = groups_of(resid, K)  # [K*P, T, d]
         x = _read(resid, mixer.columns(g.attention_upstream(layer), qkv_block, slots))  # [K*P, T, 3n, d]
         own = ops.attention_heads_of_slots(lay.attn.only_heads(which), lay.attn_norm, x, rotary)  # [K*P, T, n, d]
-        heads = _groups_of(heads, K)
+        heads = groups_of(heads, K)
         heads[:, :, which] = own
     heads, attn_out = ops.head_senders(lay, heads)
     first_head = g.head_sender(layer, 0)
@@ -523,7 +523,7 @@ def _layer_while_shared(
             mlp_in = base if common is None else base + common[:, :, 0]
         else:
             agree = False
-            base, resid, attn_out = _groups_of(base, K), _groups_of(resid, K), _groups_of(attn_out, K)
+            base, resid, attn_out = groups_of(base, K), groups_of(resid, K), groups_of(attn_out, K)
             mlp_in = base + mixer.columns(g.mlp_upstream(layer), mlp_block, differs)[:, :, 0]
     else:
         delta = mixer.delta(g.mlp_upstream(layer), mlp_block)
@@ -561,8 +561,8 @@ def _final_while_shared(spec: ModelSpec, resid: Tensor, mixer: DenseMixer, K: in
     block = slice(g.logits_receiver, g.logits_receiver + 1)
     common, differs = mixer.split(g.n_senders, block)
     if differs.numel():
-        return _groups_of(resid, K) + mixer.columns(g.n_senders, block, differs)[:, :, 0]
-    return _groups_of(resid if common is None else resid + common[:, :, 0], K)
+        return groups_of(resid, K) + mixer.columns(g.n_senders, block, differs)[:, :, 0]
+    return groups_of(resid if common is None else resid + common[:, :, 0], K)
 
 
 def _register_prefix(spec: ModelSpec, store: SenderDeltas, senders: Tensor, layer: int) -> None:
