@@ -123,11 +123,37 @@ def test_downstream_trials_equal_full_runs_at_every_pass(name: str, monkeypatch:
 
 
 @pytest.mark.parametrize("name,cache_floats", [("gemma2", acdc_module.CACHE_FLOATS), ("gpt2-mini", 1)])
-def test_full_run_trials_where_downstream_trials_do_not_apply(name: str, cache_floats: int) -> None:
+def test_full_run_trials_where_downstream_trials_do_not_apply(name: str, cache_floats: int, capsys) -> None:
     """Post-attention norms (a changed head changes its whole layer) and datasets that are not all
     cached use full runs per trial; the circuit is still the naive algorithm's."""
     exp = _experiment(name, n=2)
     evaluator = acdc_module._Evaluator(exp, 256, cache_floats)
     assert not acdc_module._DownstreamEvaluator.fits(exp, evaluator, cache_floats)
-    result = acdc(exp, 0.02, cache_floats=cache_floats)
+    why = acdc_module._DownstreamEvaluator.why_not(exp, evaluator, cache_floats)
+    assert why is not None and ("post-attention norms" in why if name == "gemma2" else "GiB" in why)
+    result = acdc(exp, 0.02, cache_floats=cache_floats, progress=True)
     assert torch.equal(result.circuit.in_circuit, _naive_acdc(exp, 0.02))
+    assert why in capsys.readouterr().err  # the user is told that trials run the whole suffix, and why
+
+
+def test_default_cache_is_a_quarter_of_the_memory_with_a_floor(monkeypatch: pytest.MonkeyPatch) -> None:
+    limit = acdc_module.memory_limit_bytes()
+    assert limit is None or limit > 2**20
+    monkeypatch.setattr(acdc_module, "memory_limit_bytes", lambda: None)
+    assert acdc_module.default_cache_floats() == acdc_module.CACHE_FLOATS
+    monkeypatch.setattr(acdc_module, "memory_limit_bytes", lambda: 2**30)
+    assert acdc_module.default_cache_floats() == acdc_module.CACHE_FLOATS
+    monkeypatch.setattr(acdc_module, "memory_limit_bytes", lambda: 64 * 2**30)
+    assert acdc_module.default_cache_floats() == 2**32  # 16 GiB of float32
+
+
+def test_acdc_takes_its_default_cache_from_the_machine(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    """Without ``cache_floats`` ACDC asks ``default_cache_floats``: a budget of one float forces the
+    full-run trials, which it reports."""
+    exp = _experiment("gpt2-mini", n=2)
+    fast = acdc(exp, 0.02, progress=True)
+    assert "every trial runs" not in capsys.readouterr().err
+    monkeypatch.setattr(acdc_module, "default_cache_floats", lambda: 1)
+    slow = acdc(exp, 0.02, progress=True)
+    assert "every trial runs the model on" in capsys.readouterr().err
+    assert torch.equal(slow.circuit.in_circuit, fast.circuit.in_circuit)

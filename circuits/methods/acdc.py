@@ -38,7 +38,10 @@ rest of the dataset is prepared again for every pass, so memory stays bounded on
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -57,7 +60,34 @@ from graphs.graph import ComputationGraph
 from graphs.ids import NodeKind
 from graphs.scores import EdgeScores
 
-CACHE_FLOATS = 2**28  # prepared batches kept in memory between passes (1 GiB of float32)
+CACHE_FLOATS = 2**28  # the least memory ACDC may keep between passes (1 GiB of float32)
+
+
+def memory_limit_bytes() -> int | None:
+    """The memory this process may use: the cgroup's limit in a container, else the physical
+    memory, whichever is smaller; None where neither can be read."""
+    limits = []
+    try:
+        limits.append(os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+    except (AttributeError, ValueError, OSError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            text = Path(path).read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" means no limit
+            limits.append(int(text))
+    return min(limits) if limits else None
+
+
+def default_cache_floats() -> int:
+    """What ACDC may keep in memory between passes by default, in float32 values: a quarter of
+    ``memory_limit_bytes()``, and at least ``CACHE_FLOATS``. It is a cap, not an allocation: on
+    SmolLM2-135M the base runs that let trials recompute only what they reach need 1-4 GiB for
+    8-16 prompts, past the 1 GiB floor (docs/methods/acdc.md)."""
+    limit = memory_limit_bytes()
+    return CACHE_FLOATS if limit is None else max(CACHE_FLOATS, limit // 4 // 4)
 
 
 @dataclass(frozen=True)
@@ -186,17 +216,28 @@ class _DownstreamEvaluator(_Evaluator):
         """Whether every batch is cached and its base run fits next to them in ``cache_floats``:
         the batches, every batch's base run (sender outputs, receiver inputs, attention patterns),
         one more base run while a batch's is updated, and the transposed unembedding."""
+        return _DownstreamEvaluator.why_not(experiment, evaluator, cache_floats) is None
+
+    @staticmethod
+    def why_not(experiment: Experiment, evaluator: _Evaluator, cache_floats: int) -> str | None:
+        """None if downstream trials can run, else the reason, for the user (see ``fits``)."""
         spec = experiment.spec
         g, d = spec.graph, spec.d_model
-        if not (evaluator.cached_all and downstream.supports(spec)):
-            return False
+        if not downstream.supports(spec):
+            return "the model has post-attention norms"
+        gib = 4 / 2**30
+        if not evaluator.cached_all:
+            return f"the prepared batches alone need more than the cache's {cache_floats * gib:.1f} GiB"
         used = sum(_floats(b, c) for b, c in evaluator.prepared)
         per_batch = [
             b.clean_ids.numel() * ((g.n_senders + g.n_receivers) * d + b.clean_ids.shape[1] * g.n_layers * g.n_heads)
             for b, _ in evaluator.prepared
         ]
         unembedding = spec.W_U.numel() if experiment.metric.name in residual_metric.STREAMED else 0
-        return used + sum(per_batch) + max(per_batch) + unembedding <= cache_floats
+        need = used + sum(per_batch) + max(per_batch) + unembedding
+        if need > cache_floats:
+            return f"batches and base runs need {need * gib:.1f} GiB, more than the cache's {cache_floats * gib:.1f} GiB"
+        return None
 
     def full(self) -> float:
         return self.full_value
@@ -310,20 +351,25 @@ def acdc(
     max_rows: int = 256,
     progress: bool = False,
     checkpoint: Checkpointer | None = None,
-    cache_floats: int = CACHE_FLOATS,
+    cache_floats: int | None = None,
 ) -> ACDCResult:
     """Run ACDC with threshold ``tau`` on ``experiment`` (its metric; KL is the usual choice).
 
     ``checkpoint``: save the search state after every pass and continue from a saved one (see the
-    module docstring); ``cache_floats``: memory for prepared batches kept between passes."""
+    module docstring); ``cache_floats``: memory for prepared batches and base runs kept between
+    passes (default: ``default_cache_floats()``)."""
     if tau < 0:
         raise ValueError("tau must be non-negative")
     if speculation < 1 or max_speculation < speculation:
         raise ValueError("need 1 <= speculation <= max_speculation")
     g = experiment.spec.graph
+    cache_floats = default_cache_floats() if cache_floats is None else cache_floats
     evaluate = _Evaluator(experiment, max_rows, cache_floats)
     if _DownstreamEvaluator.fits(experiment, evaluate, cache_floats):
         evaluate = _DownstreamEvaluator(evaluate)
+    elif progress and evaluate.reducer.is_root:
+        why = _DownstreamEvaluator.why_not(experiment, evaluate, cache_floats)
+        print(f"ACDC: every trial runs the model on from the receiver's layer: {why}", file=sys.stderr, flush=True)
     red = evaluate.reducer
     edge_mask = g.edge_mask
     full = evaluate.full()
