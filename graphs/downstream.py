@@ -54,6 +54,10 @@ class BaseRun:
     readers: tuple[tuple[int, ...], ...]  # per sender, the receivers its kept edges reach
     patterns: Tensor  # [L, P, H, T, T] every head's attention pattern
 
+    def narrow(self, graph: ComputationGraph) -> frozenset[int]:
+        """The MLP senders whose outputs the kept edges need at the read positions only."""
+        return _narrow_mlps(graph, self.readers)
+
 
 @torch.no_grad()
 def base_run(
@@ -86,27 +90,67 @@ def _readers(graph: ComputationGraph, mask: Tensor) -> tuple[tuple[int, ...], ..
     return tuple(tuple(rs) for rs in out)
 
 
-class _Changes:
-    """The senders a trial changed so far and their deltas ``a_s(trial) - a_s(base)`` [K*P, T, d]."""
+def _narrow_mlps(graph: ComputationGraph, readers: tuple[tuple[int, ...], ...]) -> frozenset[int]:
+    """The MLP senders whose kept edges all go to the logits or to MLPs that are narrow themselves.
 
-    def __init__(self, readers: tuple[tuple[int, ...], ...]) -> None:
+    An MLP works position by position, so such an MLP's output matters at the read positions only;
+    anything read by a head (queries, keys or values) is needed at every position."""
+    mlp_layer = {graph.mlp_receiver(layer): layer for layer in range(graph.n_layers)}
+    narrow: set[int] = set()
+    for layer in reversed(range(graph.n_layers)):
+        s = graph.mlp_sender(layer)
+        if all(r == graph.logits_receiver or (r in mlp_layer and graph.mlp_sender(mlp_layer[r]) in narrow)
+               for r in readers[s]):
+            narrow.add(s)
+    return frozenset(narrow)
+
+
+class _Changes:
+    """The senders a trial changed so far and their deltas ``a_s(trial) - a_s(base)``: [K*P, T, d],
+    or [K*P, d] at the read positions for the narrow MLPs (``_narrow_mlps``)."""
+
+    def __init__(self, readers: tuple[tuple[int, ...], ...], rows: Tensor, read: Tensor) -> None:
         self.readers = readers  # per sender, the receivers that read its value in this run
+        self.rows, self.read = rows, read  # [K*P] each: row and read position of every trial row
         self.senders: list[int] = []
         self.deltas: list[Tensor] = []
+        self.narrow: list[bool] = []
+        self._at_read: dict[int, Tensor] = {}
 
-    def add(self, sender: int, delta: Tensor) -> None:
+    def add(self, sender: int, delta: Tensor, narrow: bool = False) -> None:
         self.senders.append(sender)
         self.deltas.append(delta)
+        self.narrow.append(narrow)
+
+    def _reaching(self, lo: int, hi: int):  # type: ignore[no-untyped-def]
+        for i, s in enumerate(self.senders):
+            readers = self.readers[s]
+            for r in readers[bisect.bisect_left(readers, lo) : bisect.bisect_left(readers, hi)]:
+                yield i, r
 
     def into(self, lo: int, hi: int) -> dict[int, Tensor]:
         """Input deltas [K*P, T, d] of the receivers ``lo .. hi-1`` that kept edges from changed
         senders reach (the tensors are shared with the store: do not change them in place)."""
         out: dict[int, Tensor] = {}
-        for s, delta in zip(self.senders, self.deltas, strict=True):
-            readers = self.readers[s]
-            for r in readers[bisect.bisect_left(readers, lo) : bisect.bisect_left(readers, hi)]:
-                out[r] = delta if r not in out else out[r] + delta
+        for i, r in self._reaching(lo, hi):
+            if self.narrow[i]:
+                raise AssertionError(f"sender {self.senders[i]} was computed at the read positions only")
+            delta = self.deltas[i]
+            out[r] = delta if r not in out else out[r] + delta
         return out
+
+    def at_read(self, receiver: int) -> Tensor | None:
+        """The input delta [K*P, d] of ``receiver`` at the read positions, or None if unchanged."""
+        out: Tensor | None = None
+        for i, _ in self._reaching(receiver, receiver + 1):
+            delta = self.deltas[i] if self.narrow[i] else self._sliced(i)
+            out = delta if out is None else out + delta
+        return out
+
+    def _sliced(self, i: int) -> Tensor:
+        if i not in self._at_read:
+            self._at_read[i] = self.deltas[i][self.rows, self.read]  # [K*P, d]
+        return self._at_read[i]
 
 
 def _minus_base(new: Tensor, base: Tensor, K: int) -> Tensor:
@@ -176,14 +220,14 @@ def _propagate(
     read = base.read_positions.repeat(K)  # [K*P]
     lr = g.logits_receiver
     if touched.numel() == 0:  # every trial is the base run
-        return _Trials(_Changes(base.readers), {}, base.inputs[:, :, lr][rows % P, read], {})
+        return _Trials(_Changes(base.readers, rows, read), {}, base.inputs[:, :, lr][rows % P, read], {})
     D = ablation.values[:, :, touched] - base.senders[:, :, touched]  # [P, T, c, d]
     delta_r = torch.einsum("kc,ptcd->kptd", change[:, touched], D.expand(P, T, -1, -1)).reshape(K * P, T, d)
     inputs = {receiver: delta_r}
 
-    changes = _Changes(base.readers)
+    changes = _Changes(base.readers, rows, read)
+    narrow = frozenset() if full_positions else base.narrow(g)
     patterns: dict[tuple[int, int], Tensor] = {}  # (layer, head) -> new pattern [K*P, T, T] (full_positions only)
-    at_read: list[Tensor] = []  # changes of the logits receiver's input at the read positions [K*P, d]
     memo = Memo() if memo is None else memo
     L, H = g.n_layers, g.n_heads
     first = L if receiver == g.logits_receiver else int(g.receivers[receiver].node.layer)  # type: ignore[arg-type]
@@ -227,27 +271,26 @@ def _propagate(
             for i, h in enumerate(valued):
                 s = g.head_sender(layer, h)
                 changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
-        m = g.mlp_receiver(layer)
+        m, s = g.mlp_receiver(layer), g.mlp_sender(layer)
+        if s in narrow:  # read at the read positions only, through MLPs and the logits
+            x_delta = delta_r[rows, read] if m == receiver else changes.at_read(m)
+            if x_delta is None:
+                continue
+            x = base.inputs[:, :, m][rows % P, read] + x_delta  # [K*P, d]
+            changes.add(s, ops.mlp_sender(lay, x) - base.senders[rows % P, read, s], narrow=True)
+            continue
         inputs.update(changes.into(m, m + 1))
         if m not in inputs:
             continue
-        s = g.mlp_sender(layer)
-        if layer == L - 1 and not full_positions:  # read by the logits alone: only the read positions matter
-            x = base.inputs[:, :, m][rows % P, read] + inputs[m][rows, read]  # [K*P, d]
-            if g.logits_receiver in base.readers[s]:
-                at_read.append(ops.mlp_sender(lay, x) - base.senders[rows % P, read, s])
-        else:
-            x = rt.groups_of(base.inputs[:, :, m], K)
-            x += inputs[m]
-            changes.add(s, _minus_base(ops.mlp_sender(lay, x), base.senders[:, :, s], K))
+        x = rt.groups_of(base.inputs[:, :, m], K)
+        x += inputs[m]
+        changes.add(s, _minus_base(ops.mlp_sender(lay, x), base.senders[:, :, s], K))
 
     if full_positions and receiver != lr:
         inputs.update(changes.into(lr, lr + 1))
-    if receiver == lr:
-        at_read.append(delta_r[rows, read])
-    at_read.extend(delta[rows, read] for s, delta in zip(changes.senders, changes.deltas, strict=True) if lr in base.readers[s])
     final = base.inputs[:, :, lr][rows % P, read]  # [K*P, d]
-    for part in at_read:
+    part = delta_r[rows, read] if receiver == lr else changes.at_read(lr)
+    if part is not None:
         final = final + part
     return _Trials(changes, inputs, final, patterns)
 

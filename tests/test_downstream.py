@@ -100,3 +100,41 @@ def test_trials_equal_to_the_base_run_change_nothing() -> None:
     assert torch.allclose(got, want.repeat(3, 1), atol=2e-5)
     same = downstream.with_column(spec, base, r, column, values)
     assert torch.equal(same.senders, base.senders) and torch.equal(same.inputs, base.inputs)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel"])
+@pytest.mark.parametrize("read_by_a_head", [False, True])
+def test_mlps_read_only_through_mlps_run_at_the_read_positions(name: str, read_by_a_head: bool) -> None:
+    """An MLP whose kept edges reach the logits only through MLPs matters at the read positions
+    alone, so trials compute it there; one whose output a head reads is needed everywhere. Either
+    way the trials equal full runs."""
+    spec = build_spec(make_tiny(name))
+    g = spec.graph
+    L = g.n_layers
+    P, T, K = 3, 7, 5
+    ids, corrupted = random_ids(P, T, seed=41), random_ids(P, T, seed=42)
+    values = rt.corrupted_values(spec, corrupted)
+    read = torch.tensor([6, 3, 5])
+    m0, m1, last = g.mlp_sender(0), g.mlp_sender(1), g.mlp_sender(L - 1)
+    mask = g.edge_mask.clone()  # everything ablated but for the edges below
+    mask[0] = False  # the embedding feeds every node
+    mask[m0, g.mlp_receiver(1)] = False
+    mask[m1, g.logits_receiver] = False
+    mask[m0, g.logits_receiver] = False
+    mask[last, g.logits_receiver] = False
+    if read_by_a_head:
+        mask[m0, g.slot_receiver(1, 0, "v")] = False
+    base = downstream.base_run(spec, ids, mask, values, read)
+    narrow = base.narrow(g)
+    assert m1 in narrow and last in narrow
+    assert (m0 in narrow) != read_by_a_head
+    r = g.mlp_receiver(0)
+    n = g.n_upstream[r]
+    column = torch.rand(K, n, generator=torch.Generator().manual_seed(5)) < 0.5
+    got = downstream.column_trials(spec, base, r, column, values)  # [K*P, V]
+    masks = mask.repeat(K, 1, 1)
+    masks[:, :n, r] = column
+    with torch.no_grad():
+        want = rt.run(spec, ids.repeat(K, 1), mask=masks, ablation=values, read_positions=read.repeat(K)).logits
+    assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), float((got - want).abs().max())
+    assert not torch.allclose(got[:P], got[P:2 * P]) or torch.equal(column[0], column[1])  # the trials differ
