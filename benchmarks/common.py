@@ -68,6 +68,17 @@ def save(name: str, record: dict[str, Any]) -> Path:
     return path
 
 
+def record_study_run(run: dict[str, Any], model: str = "smollm2-135m") -> Path:
+    """Put ``run`` into benchmarks/results/study_smollm2.json in place of the run of the same task
+    and method. The file is read again right before writing, so studies running side by side
+    (study_smollm2.py, study_edge_patching.py) do not drop each other's runs."""
+    path = RESULTS / "study_smollm2.json"
+    study = json.loads(path.read_text()) if path.exists() else {"model": model, "runs": []}
+    study["runs"] = [r for r in study["runs"] if (r["task"], r["method"]) != (run["task"], run["method"])]
+    study["runs"].append(run)
+    return save("study_smollm2", study)
+
+
 def smollm2_ioi(n_prompts: int, seed: int = 0, batch_size: int = 32, metric: str = "logit_diff"):
     """(LoadedModel, Experiment) for SmolLM2-135M on IOI."""
     from circuits.experiment import Experiment
