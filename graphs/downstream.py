@@ -55,8 +55,8 @@ class BaseRun:
     patterns: Tensor  # [L, P, H, T, T] every head's attention pattern
 
     def narrow(self, graph: ComputationGraph) -> frozenset[int]:
-        """The MLP senders whose outputs the kept edges need at the read positions only."""
-        return _narrow_mlps(graph, self.readers)
+        """The senders whose outputs the kept edges need at the read positions only."""
+        return _narrow_senders(graph, self.readers)
 
 
 @torch.no_grad()
@@ -90,24 +90,28 @@ def _readers(graph: ComputationGraph, mask: Tensor) -> tuple[tuple[int, ...], ..
     return tuple(tuple(rs) for rs in out)
 
 
-def _narrow_mlps(graph: ComputationGraph, readers: tuple[tuple[int, ...], ...]) -> frozenset[int]:
-    """The MLP senders whose kept edges all go to the logits or to MLPs that are narrow themselves.
+def _narrow_senders(graph: ComputationGraph, readers: tuple[tuple[int, ...], ...]) -> frozenset[int]:
+    """The senders (heads and MLPs) whose outputs the kept edges need at the read positions only.
 
-    An MLP works position by position, so such an MLP's output matters at the read positions only;
-    anything read by a head (queries, keys or values) is needed at every position."""
-    mlp_layer = {graph.mlp_receiver(layer): layer for layer in range(graph.n_layers)}
-    narrow: set[int] = set()
-    for layer in reversed(range(graph.n_layers)):
-        s = graph.mlp_sender(layer)
-        if all(r == graph.logits_receiver or (r in mlp_layer and graph.mlp_sender(mlp_layer[r]) in narrow)
-               for r in readers[s]):
+    The logits read the read positions; an MLP works position by position and a head's query at a
+    position reads its own position only, so a sender whose every kept reader is the logits, the
+    MLP of a narrow MLP or the query of a narrow head is narrow too. Keys and values are read at
+    every position: a sender they read is needed everywhere."""
+    owner: dict[int, int] = {graph.logits_receiver: -1}
+    for layer in range(graph.n_layers):
+        owner[graph.mlp_receiver(layer)] = graph.mlp_sender(layer)
+        for h in range(graph.n_heads):
+            owner[graph.slot_receiver(layer, h, "q")] = graph.head_sender(layer, h)
+    narrow: set[int] = {-1}
+    for s in reversed(range(1, graph.n_senders)):  # readers' owners come after their senders
+        if all(owner.get(r) in narrow for r in readers[s]):
             narrow.add(s)
-    return frozenset(narrow)
+    return frozenset(narrow - {-1})
 
 
 class _Changes:
     """The senders a trial changed so far and their deltas ``a_s(trial) - a_s(base)``: [K*P, T, d],
-    or [K*P, d] at the read positions for the narrow MLPs (``_narrow_mlps``)."""
+    or [K*P, d] at the read positions for the narrow senders (``_narrow_senders``)."""
 
     def __init__(self, readers: tuple[tuple[int, ...], ...], rows: Tensor, read: Tensor) -> None:
         self.readers = readers  # per sender, the receivers that read its value in this run
@@ -128,14 +132,18 @@ class _Changes:
             for r in readers[bisect.bisect_left(readers, lo) : bisect.bisect_left(readers, hi)]:
                 yield i, r
 
-    def into(self, lo: int, hi: int) -> dict[int, Tensor]:
+    def into(self, lo: int, hi: int, like: Tensor) -> dict[int, Tensor]:
         """Input deltas [K*P, T, d] of the receivers ``lo .. hi-1`` that kept edges from changed
-        senders reach (the tensors are shared with the store: do not change them in place)."""
+        senders reach (the tensors are shared with the store: do not change them in place). A
+        narrow sender's delta is known at the read positions only and is zero elsewhere in them:
+        only readers that are narrow themselves (a narrow head's query) may take it."""
         out: dict[int, Tensor] = {}
         for i, r in self._reaching(lo, hi):
-            if self.narrow[i]:
-                raise AssertionError(f"sender {self.senders[i]} was computed at the read positions only")
             delta = self.deltas[i]
+            if self.narrow[i]:
+                wide = torch.zeros_like(like)  # [K*P, T, d]
+                wide[self.rows, self.read] = delta
+                delta = wide
             out[r] = delta if r not in out else out[r] + delta
         return out
 
@@ -234,7 +242,7 @@ def _propagate(
     for layer in range(first, L):
         lay = spec.layers[layer]
         qkv = g.qkv_receivers(layer)
-        slot_delta = changes.into(qkv.start, qkv.stop)
+        slot_delta = changes.into(qkv.start, qkv.stop, delta_r)
         if qkv.start <= receiver < qkv.stop:
             slot_delta[receiver] = delta_r
         inputs.update(slot_delta)
@@ -260,15 +268,29 @@ def _propagate(
                 new = ops.attention_heads_of_slots(sub, lay.attn_norm, x, rotary)  # [K*P, T, m, d]
             for i, h in enumerate(patterned):
                 s = g.head_sender(layer, h)
-                changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
-        if valued:
-            slots = [qkv.start + 2 * H + h for h in valued]
+                if s in narrow:  # its query may be right at the read positions only
+                    changes.add(s, new[rows, read, i] - base.senders[rows % P, read, s], narrow=True)
+                else:
+                    changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
+        for group in ([h for h in valued if g.head_sender(layer, h) not in narrow],
+                      [h for h in valued if g.head_sender(layer, h) in narrow]):
+            if not group:
+                continue
+            slots = [qkv.start + 2 * H + h for h in group]
             x = rt.groups_of(base.inputs[:, :, slots], K)  # [K*P, T, m, d]
             for i, r in enumerate(slots):
                 x[:, :, i] += slot_delta[r]
-            pattern = rt.groups_of(base.patterns[layer][:, valued], K)  # [K*P, m, T, T]
-            new = ops.heads_from_pattern(memo.heads(spec, layer, valued), lay.attn_norm, x, pattern)  # [K*P, T, m, d]
-            for i, h in enumerate(valued):
+            sub = memo.heads(spec, layer, group)
+            if g.head_sender(layer, group[0]) in narrow:  # the pattern's rows at the read positions
+                pattern = base.patterns[layer][:, group][torch.arange(P), :, base.read_positions]  # [P, m, T]
+                new = ops.heads_from_pattern(sub, lay.attn_norm, x, rt.groups_of(pattern[:, :, None], K))
+                for i, h in enumerate(group):  # new: [K*P, 1, m, d]
+                    s = g.head_sender(layer, h)
+                    changes.add(s, new[:, 0, i] - base.senders[rows % P, read, s], narrow=True)
+                continue
+            pattern = rt.groups_of(base.patterns[layer][:, group], K)  # [K*P, m, T, T]
+            new = ops.heads_from_pattern(sub, lay.attn_norm, x, pattern)  # [K*P, T, m, d]
+            for i, h in enumerate(group):
                 s = g.head_sender(layer, h)
                 changes.add(s, _minus_base(new[:, :, i], base.senders[:, :, s], K))
         m, s = g.mlp_receiver(layer), g.mlp_sender(layer)
@@ -279,7 +301,7 @@ def _propagate(
             x = base.inputs[:, :, m][rows % P, read] + x_delta  # [K*P, d]
             changes.add(s, ops.mlp_sender(lay, x) - base.senders[rows % P, read, s], narrow=True)
             continue
-        inputs.update(changes.into(m, m + 1))
+        inputs.update(changes.into(m, m + 1, delta_r))
         if m not in inputs:
             continue
         x = rt.groups_of(base.inputs[:, :, m], K)
@@ -287,7 +309,7 @@ def _propagate(
         changes.add(s, _minus_base(ops.mlp_sender(lay, x), base.senders[:, :, s], K))
 
     if full_positions and receiver != lr:
-        inputs.update(changes.into(lr, lr + 1))
+        inputs.update(changes.into(lr, lr + 1, delta_r))
     final = base.inputs[:, :, lr][rows % P, read]  # [K*P, d]
     part = delta_r[rows, read] if receiver == lr else changes.at_read(lr)
     if part is not None:

@@ -102,12 +102,12 @@ def test_trials_equal_to_the_base_run_change_nothing() -> None:
     assert torch.equal(same.senders, base.senders) and torch.equal(same.inputs, base.inputs)
 
 
-@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel"])
-@pytest.mark.parametrize("read_by_a_head", [False, True])
-def test_mlps_read_only_through_mlps_run_at_the_read_positions(name: str, read_by_a_head: bool) -> None:
-    """An MLP whose kept edges reach the logits only through MLPs matters at the read positions
-    alone, so trials compute it there; one whose output a head reads is needed everywhere. Either
-    way the trials equal full runs."""
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel", "mistral-window"])
+@pytest.mark.parametrize("read_by", ["mlps", "a query", "a value", "a key"])
+def test_senders_read_only_at_the_read_positions_are_computed_there(name: str, read_by: str) -> None:
+    """A sender whose kept edges reach the logits only through MLPs and queries matters at the read
+    positions alone, so trials compute it there; one whose output a key or value reads is needed
+    everywhere. Either way the trials equal full runs."""
     spec = build_spec(make_tiny(name))
     g = spec.graph
     L = g.n_layers
@@ -115,19 +115,19 @@ def test_mlps_read_only_through_mlps_run_at_the_read_positions(name: str, read_b
     ids, corrupted = random_ids(P, T, seed=41), random_ids(P, T, seed=42)
     values = rt.corrupted_values(spec, corrupted)
     read = torch.tensor([6, 3, 5])
-    m0, m1, last = g.mlp_sender(0), g.mlp_sender(1), g.mlp_sender(L - 1)
+    m0, m1, last, head = g.mlp_sender(0), g.mlp_sender(1), g.mlp_sender(L - 1), g.head_sender(1, 0)
     mask = g.edge_mask.clone()  # everything ablated but for the edges below
     mask[0] = False  # the embedding feeds every node
-    mask[m0, g.mlp_receiver(1)] = False
-    mask[m1, g.logits_receiver] = False
-    mask[m0, g.logits_receiver] = False
-    mask[last, g.logits_receiver] = False
-    if read_by_a_head:
-        mask[m0, g.slot_receiver(1, 0, "v")] = False
+    for s, r in ((m0, g.mlp_receiver(1)), (m1, g.logits_receiver), (m0, g.logits_receiver),
+                 (last, g.logits_receiver), (head, g.logits_receiver)):
+        mask[s, r] = False
+    slot = {"a query": "q", "a value": "v", "a key": "k"}.get(read_by)
+    if slot is not None:
+        mask[m0, g.slot_receiver(1, 0, slot)] = False
     base = downstream.base_run(spec, ids, mask, values, read)
     narrow = base.narrow(g)
-    assert m1 in narrow and last in narrow
-    assert (m0 in narrow) != read_by_a_head
+    assert {m1, last, head} <= narrow
+    assert (m0 in narrow) == (read_by in ("mlps", "a query"))
     r = g.mlp_receiver(0)
     n = g.n_upstream[r]
     column = torch.rand(K, n, generator=torch.Generator().manual_seed(5)) < 0.5
@@ -137,4 +137,4 @@ def test_mlps_read_only_through_mlps_run_at_the_read_positions(name: str, read_b
     with torch.no_grad():
         want = rt.run(spec, ids.repeat(K, 1), mask=masks, ablation=values, read_positions=read.repeat(K)).logits
     assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), float((got - want).abs().max())
-    assert not torch.allclose(got[:P], got[P:2 * P]) or torch.equal(column[0], column[1])  # the trials differ
+    assert not torch.allclose(got[:P], got[P : 2 * P])  # the trials differ
