@@ -213,9 +213,12 @@ def _propagate(
     ablation: rt.AblationValues,
     full_positions: bool,
     memo: Memo | None,
+    at_read_positions: bool = True,
 ) -> _Trials:
     """Recompute the nodes K trials change (see the module docstring). ``full_positions``: compute
-    the last MLP at every position (to update the base run), not only at the read positions."""
+    every node at every position and keep the new patterns (to update the base run);
+    ``at_read_positions``: compute the narrow senders (``_narrow_senders``) at the read positions
+    only."""
     g = spec.graph
     P, T, _, d = base.senders.shape
     K, n = column.shape
@@ -234,7 +237,7 @@ def _propagate(
     inputs = {receiver: delta_r}
 
     changes = _Changes(base.readers, rows, read)
-    narrow = frozenset() if full_positions else base.narrow(g)
+    narrow = base.narrow(g) if at_read_positions and not full_positions else frozenset()
     patterns: dict[tuple[int, int], Tensor] = {}  # (layer, head) -> new pattern [K*P, T, T] (full_positions only)
     memo = Memo() if memo is None else memo
     L, H = g.n_layers, g.n_heads
@@ -319,12 +322,19 @@ def _propagate(
 
 @torch.no_grad()
 def column_finals(
-    spec: ModelSpec, base: BaseRun, receiver: int, column: Tensor, ablation: rt.AblationValues, memo: Memo | None = None
+    spec: ModelSpec,
+    base: BaseRun,
+    receiver: int,
+    column: Tensor,
+    ablation: rt.AblationValues,
+    memo: Memo | None = None,
+    at_read_positions: bool = True,
 ) -> Tensor:
     """Final residuals [K*P, d] (the logits receiver's input) at the read positions of K trials:
     trial ``k`` is the base run with receiver ``receiver``'s incoming edges ablated as ``column[k]``
-    [K, n_upstream] (bool) says. ``memo``: reuse restricted layers across calls."""
-    return _propagate(spec, base, receiver, column, ablation, False, memo).final
+    [K, n_upstream] (bool) says. ``memo``: reuse restricted layers across calls;
+    ``at_read_positions=False``: compute every node at every position (a check, and a baseline)."""
+    return _propagate(spec, base, receiver, column, ablation, False, memo, at_read_positions).final
 
 
 def column_trials(

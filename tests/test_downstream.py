@@ -138,3 +138,24 @@ def test_senders_read_only_at_the_read_positions_are_computed_there(name: str, r
         want = rt.run(spec, ids.repeat(K, 1), mask=masks, ablation=values, read_positions=read.repeat(K)).logits
     assert torch.allclose(got, want, atol=2e-5, rtol=1e-5), float((got - want).abs().max())
     assert not torch.allclose(got[:P], got[P : 2 * P])  # the trials differ
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama-gqa"])
+def test_trials_at_the_read_positions_equal_trials_at_every_position(name: str) -> None:
+    """Trials at the read positions equal trials at every position, on sparse circuits where most
+    senders are narrow."""
+    spec = build_spec(make_tiny(name))
+    g = spec.graph
+    P, T, K = 2, 6, 6
+    ids, corrupted = random_ids(P, T, seed=51), random_ids(P, T, seed=52)
+    values = rt.corrupted_values(spec, corrupted)
+    read = torch.tensor([5, 4])
+    gen = torch.Generator().manual_seed(3)
+    for r in (g.mlp_receiver(0), g.slot_receiver(0, 1, "v"), g.slot_receiver(1, 0, "q")):
+        mask = (torch.rand(g.n_senders, g.n_receivers, generator=gen) < 0.9) & g.edge_mask
+        base = downstream.base_run(spec, ids, mask, values, read)
+        assert base.narrow(g)  # some senders are narrow, so the two paths differ
+        column = torch.rand(K, g.n_upstream[r], generator=gen) < 0.5
+        narrow = downstream.column_finals(spec, base, r, column, values)
+        wide = downstream.column_finals(spec, base, r, column, values, at_read_positions=False)
+        assert torch.allclose(narrow, wide, atol=1e-5, rtol=1e-5)

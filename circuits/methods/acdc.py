@@ -210,6 +210,7 @@ class _DownstreamEvaluator(_Evaluator):
         self.bases: list[downstream.BaseRun] = []
         self.layer: int | None = None  # the layer of the base runs
         self.pending = 0  # the base runs have every column of this layer above this receiver set
+        self.at_read_positions = True  # False: trials compute every node at every position (a baseline)
 
     @staticmethod
     def fits(experiment: Experiment, evaluator: _Evaluator, cache_floats: int) -> bool:
@@ -270,7 +271,9 @@ class _DownstreamEvaluator(_Evaluator):
             for lo in range(0, K, step):
                 part = columns[lo : lo + step]
                 k = part.shape[0]
-                final = downstream.column_finals(spec, base, receiver, part, batch.ablation, self.memo)  # [k*P, d]
+                final = downstream.column_finals(  # [k*P, d]
+                    spec, base, receiver, part, batch.ablation, self.memo, self.at_read_positions
+                )
                 values = None if scorer is None else scorer(final.view(k, P, -1))  # [k, P]
                 if values is None or not bool(torch.isfinite(values).all()):  # score the logits (names bad prompts)
                     values = score(self.experiment, batch, rt.unembed(spec, final).view(k, P, -1))
