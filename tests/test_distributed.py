@@ -121,8 +121,13 @@ results = method_results(world)
 if world.is_root:
     save_file({{k: v.contiguous() for k, v in results.items()}}, {out!r})
 from cli.main import cli
+# without --distributed every rank runs the whole job: each needs its own run directory, or one
+# rank finds the other's progress files there and refuses to start
+args = {cli_args!r}
+if not world.is_root:
+    args[args.index("--out") + 1] += f"-rank{{world.rank}}"
 try:
-    cli(args={cli_args!r}, prog_name="circuits")
+    cli(args=args, prog_name="circuits")
 except SystemExit as e:
     if e.code:
         raise
