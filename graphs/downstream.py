@@ -12,9 +12,10 @@ edges from changed senders bring (the delta form of DESIGN.md section 4):
 (``r``'s senders lie upstream of ``r``, so the trial leaves their outputs as in the base run.)
 ACDC circuits keep a few percent of the edges, so a trial usually recomputes a handful of heads and
 MLPs instead of every layer from ``r`` on. A head whose value input alone changed keeps the base
-run's attention pattern (no queries, keys or softmax), and the last MLP, read by the logits alone,
-runs at the read positions only. The values are ``runtime.run``'s with the trial's mask,
-up to float rounding (tests/test_downstream.py).
+run's attention pattern (no queries, keys or softmax), and a head or MLP whose kept edges reach the
+logits only through MLPs and queries is computed at the read positions only (``BaseRun.narrow``).
+The values are ``runtime.run``'s with the trial's mask, up to float rounding
+(tests/test_downstream.py).
 
 Rows are the grid of ``runtime``: row ``k * P + p`` is trial ``k`` on prompt ``p``. Models whose
 heads' sender outputs depend on the other heads of their layer (a post-attention norm, Gemma) are
