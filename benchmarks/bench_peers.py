@@ -2,7 +2,8 @@
 
     python benchmarks/bench_peers.py [--model gpt2-random|gpt2-tiny-random|smollm2|both] [--prompts 16]
                                      [--batch 8] [--repeats 1] [--acdc] [--acdc-prompts 4]
-                                     [--acdc-tau 1e-5] [--workdir DIR]
+                                     [--acdc-tau 1e-5] [--acdc-sample-per-layer 10] [--no-eap]
+                                     [--workdir DIR]
 
 1. Sets up the peers' own virtual environment (``<user cache>/causal-circuits/peers/venv``, outside the repository; torch 2.13.0
    first, then auto-circuit 1.0.1, TransformerLens 2.18.0, pyarrow 21.0.0, attrs), once.
@@ -16,7 +17,7 @@
 4. Compares: edges each graph lacks, the fitted factor between the scores (auto-circuit's are
    ``-n_batches`` x ours by construction), max relative difference after alignment, Pearson /
    Spearman, top-100 overlap; time and peak-RSS ratios theirs / ours.
-5. With ``--acdc`` (random GPT-2 models only): ACDC at one threshold with the KL metric on one batch
+5. With ``--acdc``: ACDC at one threshold with the KL metric on one batch
    of ``--acdc-prompts`` prompts on both sides (auto-circuit's ACDC uses the first batch of its loader
    only, and runs one forward pass per edge: with one thread about 8 s on ``gpt2-tiny-random`` with 4
    prompts, 3 minutes on ``gpt2-random`` with 2 prompts): time ratio and circuit overlap. auto-circuit visits
@@ -24,6 +25,12 @@
    child records that order, and our ACDC is run once more in exactly that order
    (``benchmarks/peers/replay.py``, one evaluation per edge) to show whether the circuits differ
    only by the visiting order.
+   On SmolLM2 auto-circuit's whole search (123k edges, one forward each) would take about a day, so
+   its child visits only ``--acdc-sample-per-layer`` edges per layer (every mask stays full size) and
+   its time is the sampled call plus, per unvisited edge, the mean trial forward of its layer: a lower
+   bound. On the GPT-2 models the same estimate is also run and set against the measured whole
+   search (``theirs_sampled_estimate_check``). Ours runs the whole search. Time ratios are also given
+   in CPU seconds (``cpu_time``), which other jobs on the machine disturb less than wall time.
 
 Results are merged into ``benchmarks/results/peers.json`` (one entry per model) and printed.
 With ``--repeats n`` every child runs n times, alternating sides; medians are reported.
@@ -79,8 +86,10 @@ def run_side(side: str, peers_python: Path, args: list[str]) -> dict[str, Any]:
 
 def run_pair(method: str, folder: Path, data_file: Path, batch: int, repeats: int, peers_python: Path,
              scores_dir: Path, stem: str, tau: float | None = None,
-             reference: Path | None = None) -> dict[str, dict[str, Any]]:
-    """Both sides ``repeats`` times, alternating; median seconds and peak RSS per side."""
+             reference: Path | None = None, sample_per_layer: int = 0) -> dict[str, dict[str, Any]]:
+    """Both sides ``repeats`` times, alternating; median seconds and peak RSS per side. With
+    ``sample_per_layer`` auto-circuit's ACDC visits only that many edges per layer and its time is the
+    estimate for the whole search (``run_autocircuit.sample_edges``)."""
     runs: dict[str, list[dict[str, Any]]] = {s: [] for s in SIDES}
     for _ in range(repeats):
         for side in SIDES:
@@ -93,6 +102,8 @@ def run_pair(method: str, folder: Path, data_file: Path, batch: int, repeats: in
                 args += ["--metric", "kl"]
             if side != "ours" and reference is not None:
                 args += ["--reference", str(reference)]
+            if side != "ours" and sample_per_layer:
+                args += ["--sample-per-layer", str(sample_per_layer)]
             print(f"  {method} {side} ...", end=" ", flush=True)
             record = run_side(side, peers_python, args)
             record["scores_file"] = str(out)
@@ -104,6 +115,7 @@ def run_pair(method: str, folder: Path, data_file: Path, batch: int, repeats: in
             **records[-1],
             "seconds": statistics.median(r["seconds"] for r in records),
             "seconds_all": [r["seconds"] for r in records],
+            "cpu_seconds": statistics.median(r["cpu_seconds"] for r in records),
             "kept_all": [r.get("kept") for r in records],
             "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in records),
             "rss_before_call_mb": statistics.median(r["rss_before_call_mb"] for r in records),
@@ -117,13 +129,16 @@ def ratios(sides: dict[str, dict[str, Any]]) -> dict[str, float]:
     added = lambda r: max(r["peak_rss_mb"] - r["rss_before_call_mb"], 1e-9)
     return {
         "time": t["seconds"] / o["seconds"],
+        "cpu_time": t["cpu_seconds"] / o["cpu_seconds"],
         "peak_rss": t["peak_rss_mb"] / o["peak_rss_mb"],
         "rss_added_by_call": added(t) / added(o),
     }
 
 
-def bench_model(name: str, args: argparse.Namespace, peers_python: Path) -> dict[str, Any]:
-    """Everything for one model: data, EAP on both sides (and ACDC on the small model)."""
+def bench_model(name: str, args: argparse.Namespace, peers_python: Path,
+                previous: dict[str, Any]) -> dict[str, Any]:
+    """Everything for one model: data, EAP on both sides (and ACDC). ``previous`` is the model's last
+    record, whose EAP or ACDC entry is kept when this run skips it."""
     workdir: Path = args.workdir
     folder = data.model_folder(name, workdir)
     data_file = workdir / "data" / f"{name}-ioi-n{args.prompts}-s{args.seed}.safetensors"
@@ -138,31 +153,67 @@ def bench_model(name: str, args: argparse.Namespace, peers_python: Path) -> dict
         "date": time.strftime("%Y-%m-%d %H:%M:%S"), "load_average_at_start": os.getloadavg(),
     }
     scores_dir = workdir / "scores"
-    reference = data.write_reference_logits(folder, data_file, workdir / "data" / f"{name}-reference-logits.safetensors")
-    eap = run_pair("eap", folder, data_file, args.batch, args.repeats, peers_python, scores_dir, name,
-                   reference=reference)
-    ours, _, _ = read_scores(Path(eap["ours"]["scores_file"]))
-    theirs, _, _ = read_scores(Path(eap["auto-circuit"]["scores_file"]))
-    record["eap"] = {"runs": eap, "agreement": compare.eap_agreement(ours, theirs, n_batches), "ratios": ratios(eap)}
-    check = eap["auto-circuit"].get("tl_vs_project_hf_max_abs_logit_diff")
-    if check is None or check > 1e-3:
-        print(f"  WARNING: the TransformerLens model differs from the HF model by {check} in the logits", flush=True)
-    if name in data.GPT2_RANDOM_CONFIGS and args.acdc:
-        # auto-circuit's ACDC uses only the first batch: give both sides one batch of all its prompts
-        acdc_file = workdir / "data" / f"{name}-ioi-n{args.acdc_prompts}-s{args.seed}.safetensors"
-        acdc_info = data.write_ioi_data(folder, args.acdc_prompts, acdc_file, seed=args.seed)
-        acdc = run_pair("acdc", folder, acdc_file, args.acdc_prompts, args.repeats, peers_python, scores_dir,
-                        name, tau=args.acdc_tau)
-        ours_s, kept_o, _ = read_scores(Path(acdc["ours"]["scores_file"]))
-        theirs_s, kept_t, _ = read_scores(Path(acdc["auto-circuit"]["scores_file"]))
-        record["acdc"] = {
-            "tau": args.acdc_tau, "metric": "KL(full || circuit), mean over prompts", "data": acdc_info,
-            "prompts": args.acdc_prompts,
-            "runs": acdc, "agreement": compare.circuit_agreement(ours_s, theirs_s, kept_o or set(), kept_t or set()),
-            "ratios": ratios(acdc),
-            "ours_in_their_order": replay_their_order(folder, acdc_file, args, peers_python, Path(
-                acdc["auto-circuit"]["scores_file"]), scores_dir / f"{name}-acdc-ours-in-their-order.safetensors"),
-        }
+    if args.no_eap:
+        if "eap" in previous:
+            record["eap"] = previous["eap"]
+    else:
+        reference = data.write_reference_logits(folder, data_file,
+                                                workdir / "data" / f"{name}-reference-logits.safetensors")
+        eap = run_pair("eap", folder, data_file, args.batch, args.repeats, peers_python, scores_dir, name,
+                       reference=reference)
+        ours, _, _ = read_scores(Path(eap["ours"]["scores_file"]))
+        theirs, _, _ = read_scores(Path(eap["auto-circuit"]["scores_file"]))
+        record["eap"] = {"runs": eap, "agreement": compare.eap_agreement(ours, theirs, n_batches),
+                         "ratios": ratios(eap)}
+        check = eap["auto-circuit"].get("tl_vs_project_hf_max_abs_logit_diff")
+        if check is None or check > 1e-3:
+            print(f"  WARNING: the TransformerLens model differs from the HF model by {check} in the logits",
+                  flush=True)
+    if args.acdc:
+        record["acdc"] = bench_acdc(name, folder, args, peers_python, scores_dir)
+    elif "acdc" in previous:
+        record["acdc"] = previous["acdc"]
+    return record
+
+
+def bench_acdc(name: str, folder: Path, args: argparse.Namespace, peers_python: Path,
+               scores_dir: Path) -> dict[str, Any]:
+    """ACDC on both sides at one threshold with the KL metric.
+
+    On the random GPT-2 models auto-circuit runs the whole search; the circuits are compared, and a
+    sampled run of theirs checks the estimate used on SmolLM2. On SmolLM2 (123k edges, one forward
+    each: a day on this machine) auto-circuit visits ``--acdc-sample-per-layer`` edges per layer and its
+    time is estimated from them; ours runs the whole search."""
+    # auto-circuit's ACDC uses only the first batch: give both sides one batch of all its prompts
+    acdc_file = args.workdir / "data" / f"{name}-ioi-n{args.acdc_prompts}-s{args.seed}.safetensors"
+    acdc_info = data.write_ioi_data(folder, args.acdc_prompts, acdc_file, seed=args.seed)
+    sampled_only = name not in data.GPT2_RANDOM_CONFIGS
+    acdc = run_pair("acdc", folder, acdc_file, args.acdc_prompts, args.repeats, peers_python, scores_dir, name,
+                    tau=args.acdc_tau, sample_per_layer=args.acdc_sample_per_layer if sampled_only else 0)
+    record: dict[str, Any] = {
+        "tau": args.acdc_tau, "metric": "KL(full || circuit), mean over prompts", "data": acdc_info,
+        "prompts": args.acdc_prompts, "runs": acdc, "ratios": ratios(acdc),
+        "theirs_sampled": sampled_only,
+    }
+    if sampled_only:
+        return record
+    ours_s, kept_o, _ = read_scores(Path(acdc["ours"]["scores_file"]))
+    theirs_s, kept_t, _ = read_scores(Path(acdc["auto-circuit"]["scores_file"]))
+    record["agreement"] = compare.circuit_agreement(ours_s, theirs_s, kept_o or set(), kept_t or set())
+    record["ours_in_their_order"] = replay_their_order(folder, acdc_file, args, peers_python, Path(
+        acdc["auto-circuit"]["scores_file"]), scores_dir / f"{name}-acdc-ours-in-their-order.safetensors")
+    print("  acdc auto-circuit sampled (checks the estimate used on SmolLM2) ...", end=" ", flush=True)
+    sampled = run_side("auto-circuit", peers_python, [
+        "--folder", str(folder), "--data", str(acdc_file), "--out", str(scores_dir / f"{name}-acdc-sampled.safetensors"),
+        "--method", "acdc", "--batch", str(args.acdc_prompts), "--tau", repr(args.acdc_tau),
+        "--sample-per-layer", str(args.acdc_sample_per_layer)])
+    full = acdc["auto-circuit"]
+    record["theirs_sampled_estimate_check"] = {
+        **sampled["sampled"],
+        "full_search_cpu_seconds": full["cpu_seconds"], "full_search_seconds": full["seconds"],
+        "estimated_over_measured_cpu": sampled["cpu_seconds"] / full["cpu_seconds"],
+    }
+    print(f"estimated {sampled['cpu_seconds']:.1f} CPU s, measured {full['cpu_seconds']:.1f} CPU s", flush=True)
     return record
 
 
@@ -200,7 +251,14 @@ def print_table(results: dict[str, Any], models: list[str]) -> None:
     for m in models:
         if "acdc" in results[m]:
             r = results[m]["acdc"]
-            a, o, t = r["agreement"], r["runs"]["ours"], r["runs"]["auto-circuit"]
+            o, t = r["runs"]["ours"], r["runs"]["auto-circuit"]
+            if r.get("theirs_sampled"):
+                est = t["sampled"]
+                print(f"\nACDC on {m} (tau {r['tau']:g}, KL): ours kept {o['kept']} edges in {o['cpu_seconds']:.0f} CPU s;"
+                      f" auto-circuit estimated from {est['sampled_edges']} of {est['total_edges']} edges:"
+                      f" {t['cpu_seconds']:.0f} CPU s; ratio {r['ratios']['cpu_time']:.1f}")
+                continue
+            a = r["agreement"]
             print(f"\nACDC on {m} (tau {r['tau']:g}, KL): kept ours {a['kept_ours']}, theirs {a['kept_theirs']},"
                   f" both {a['kept_both']}, Jaccard {a['jaccard']:.3f}, precision {a['precision']:.3f},"
                   f" recall {a['recall']:.3f}; time ours {o['seconds']:.2f} s,"
@@ -220,7 +278,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--repeats", type=int, default=1, help="child runs per side (medians are reported)")
-    parser.add_argument("--acdc", action="store_true", help="also compare ACDC (random GPT-2 models only)")
+    parser.add_argument("--acdc", action="store_true", help="also compare ACDC")
+    parser.add_argument("--acdc-sample-per-layer", type=int, default=10,
+                        help="SmolLM2: edges per layer auto-circuit's ACDC visits to estimate its whole search")
+    parser.add_argument("--no-eap", action="store_true", help="skip EAP (keep the model's last EAP record)")
     parser.add_argument("--acdc-prompts", type=int, default=4, help="prompts (one batch) for ACDC")
     parser.add_argument("--acdc-tau", type=float, default=1e-5,
                         help="ACDC threshold on KL (1e-4 keeps a circuit no better than the empty one)")
@@ -239,7 +300,7 @@ def main() -> None:
     results: dict[str, Any] = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
     results.setdefault("models", {})
     for name in models:
-        results["models"][name] = bench_model(name, args, peers_python)
+        results["models"][name] = bench_model(name, args, peers_python, results["models"].get(name, {}))
         results["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "python": sys.version.split()[0]}
         RESULTS.parent.mkdir(parents=True, exist_ok=True)
         RESULTS.write_text(json.dumps(results, indent=2, sort_keys=True))

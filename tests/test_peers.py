@@ -95,3 +95,57 @@ def test_replay_follows_the_given_order_and_rejects_bad_orders() -> None:
     with pytest.raises(ValueError, match="each of the"):
         replay_acdc(exp, 0.01, [*order[:-1], order[0]])
     assert torch.is_tensor(kept)
+
+
+class _FakeNode:
+    def __init__(self, layer: int) -> None:
+        self.module_name = f"blocks.{layer}.hook_attn_in"
+
+
+class _FakeEdge:
+    def __init__(self, name: str, layer: int) -> None:
+        self.name = name
+        self.dest = _FakeNode(layer)
+
+
+class _FakePatchable:
+    """Stands in for auto-circuit's PatchableModel: edges and a forward that takes start_at_layer."""
+
+    def __init__(self, edges_per_layer: dict[int, int]) -> None:
+        self.edges = {_FakeEdge(f"e{layer}.{i}", layer) for layer, n in edges_per_layer.items() for i in range(n)}
+        self.calls: list[int | None] = []
+
+    def forward(self, *args: object, start_at_layer: int | None = None) -> None:
+        self.calls.append(start_at_layer)
+
+
+def test_sampled_acdc_estimate_visits_a_few_edges_per_layer_and_extrapolates_by_layer() -> None:
+    from benchmarks.peers.run_autocircuit import sample_edges
+
+    model = _FakePatchable({0: 7, 1: 30, 2: 3})
+    search = sample_edges(model, 4)
+    by_layer = {layer: sum(1 for e in model.edges if e.dest.module_name == f"blocks.{layer}.hook_attn_in")
+                for layer in (0, 1, 2)}
+    assert by_layer == {0: 4, 1: 4, 2: 3}  # at most 4 per layer, all of a layer with fewer
+    assert search.edges_per_layer == {0: 7, 1: 30, 2: 3}
+    model.forward("clean")  # the clean run: not a trial, not timed
+    for layer in (2, 1, 0):
+        model.forward("resid", start_at_layer=layer)
+    assert model.calls == [None, 2, 1, 0]
+    assert all(len(search.forward_seconds[layer]) == 1 for layer in (0, 1, 2))
+    search.forward_seconds = {0: [3.0, 1.0], 1: [1.0], 2: [5.0]}  # known times replace the measured ones
+    search.forward_cpu_seconds = {0: [1.0], 1: [0.5], 2: [2.0]}
+    est = search.estimate(call_seconds=10.0, call_cpu_seconds=4.0)
+    assert est["sampled_edges"] == 11 and est["total_edges"] == 40
+    assert est["estimated_seconds"] == pytest.approx(10.0 + 2.0 * 3 + 1.0 * 26 + 5.0 * 0)
+    assert est["estimated_cpu_seconds"] == pytest.approx(4.0 + 1.0 * 3 + 0.5 * 26)
+
+
+def test_sampled_acdc_estimate_needs_a_timed_trial_in_every_layer() -> None:
+    from benchmarks.peers.run_autocircuit import sample_edges
+
+    model = _FakePatchable({0: 2, 1: 2})
+    search = sample_edges(model, 1)
+    model.forward("resid", start_at_layer=1)
+    with pytest.raises(SystemExit, match=r"start layers \[0\]"):
+        search.estimate(1.0, 1.0)

@@ -124,6 +124,68 @@ def load_hooked_transformer(folder: Path, check_ids: torch.Tensor) -> tuple[Any,
     return model, logits[:, -1], diff
 
 
+class SampledSearch:
+    """Times the forward passes of an ACDC search restricted to a sample of edges, per start layer."""
+
+    def __init__(self, model: Any, edges_per_layer: dict[int, int], sampled_per_layer: dict[int, int]) -> None:
+        self.edges_per_layer = edges_per_layer
+        self.sampled_per_layer = sampled_per_layer
+        self.forward_seconds: dict[int, list[float]] = {layer: [] for layer in edges_per_layer}
+        self.forward_cpu_seconds: dict[int, list[float]] = {layer: [] for layer in edges_per_layer}
+        inner = model.forward
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            begin, cpu_begin = time.perf_counter(), time.process_time()
+            out = inner(*args, **kwargs)
+            if "start_at_layer" in kwargs:  # the per-edge trials; the clean runs before them pass no layer
+                layer = int(kwargs["start_at_layer"])
+                self.forward_seconds[layer].append(time.perf_counter() - begin)
+                self.forward_cpu_seconds[layer].append(time.process_time() - cpu_begin)
+            return out
+
+        model.forward = timed  # this child process only; the model is discarded with it
+
+    def estimate(self, call_seconds: float, call_cpu_seconds: float) -> dict[str, Any]:
+        """The sampled call's time plus, for every edge not visited, the mean trial forward of its layer
+        (wall and CPU seconds).
+
+        A lower bound on the whole search: the unvisited edges' mask updates and KL are not counted."""
+        missing = [layer for layer, t in self.forward_seconds.items() if not t]
+        if missing:
+            raise SystemExit(f"no trial forward was timed for start layers {missing}")
+
+        def rest(per_layer: dict[int, list[float]]) -> tuple[float, dict[str, float]]:
+            mean = {layer: sum(t) / len(t) for layer, t in sorted(per_layer.items())}
+            unvisited = sum(mean[layer] * (n - self.sampled_per_layer[layer]) for layer, n in self.edges_per_layer.items())
+            return unvisited, {str(k): v for k, v in mean.items()}
+
+        wall, wall_means = rest(self.forward_seconds)
+        cpu, cpu_means = rest(self.forward_cpu_seconds)
+        return {"sampled_edges": sum(self.sampled_per_layer.values()), "total_edges": sum(self.edges_per_layer.values()),
+                "sampled_call_seconds": call_seconds, "sampled_call_cpu_seconds": call_cpu_seconds,
+                "estimated_seconds": call_seconds + wall, "estimated_cpu_seconds": call_cpu_seconds + cpu,
+                "mean_trial_forward_seconds_per_start_layer": wall_means,
+                "mean_trial_forward_cpu_seconds_per_start_layer": cpu_means,
+                "edges_per_start_layer": {str(k): v for k, v in sorted(self.edges_per_layer.items())}}
+
+
+def sample_edges(model: Any, per_layer: int) -> SampledSearch:
+    """Restrict ``model.edges`` to ``per_layer`` evenly spaced edges per start layer (the block a trial
+    starts from, as acdc_prune_scores computes it); every mask stays full size, so each trial forward
+    costs what it costs in the whole search."""
+    by_layer: dict[int, list[Any]] = {}
+    for edge in sorted(model.edges, key=lambda e: e.name):
+        by_layer.setdefault(int(edge.dest.module_name.split(".")[1]), []).append(edge)
+    keep: set[Any] = set()
+    for edges in by_layer.values():
+        step = max(len(edges) // per_layer, 1)
+        keep.update(edges[::step][:per_layer])
+    sampled = {layer: len([e for e in edges if e in keep]) for layer, edges in by_layer.items()}
+    search = SampledSearch(model, {layer: len(edges) for layer, edges in by_layer.items()}, sampled)
+    model.edges = keep
+    return search
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--folder", type=Path, required=True)
@@ -133,6 +195,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--tau", type=float, default=0.0)
     p.add_argument("--reference", type=Path, help="last-position logits of the project's HF model (check)")
+    p.add_argument("--sample-per-layer", type=int, default=0,
+                   help="ACDC: visit only this many edges per start layer and estimate the whole search's time")
     args = p.parse_args()
 
     from auto_circuit.data import PromptDataLoader, PromptDataset
@@ -163,7 +227,7 @@ def main() -> None:
             f"{our_sender(e.src.name)}->{our_receiver(e.dest.name)}"
             for e in sorted(model.edges, key=lambda x: x.dest.layer, reverse=True)
         )
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if args.method == "eap":
         from auto_circuit.prune_algos.mask_gradient import mask_gradient_prune_scores
 
@@ -175,10 +239,21 @@ def main() -> None:
 
         exp = math.floor(math.log10(args.tau))
         base = args.tau / 10**exp
+        sampled = sample_edges(model, args.sample_per_layer) if args.sample_per_layer else None
+        start, cpu_start = time.perf_counter(), time.process_time()
         prune_scores = acdc_prune_scores(model, loader, None, tao_exps=[exp], tao_bases=[base],  # type: ignore[list-item]
                                          faithfulness_target="kl_div")
         extra = {"tau_used": base * 10**exp, "prompts_used": args.batch}
-    seconds = time.perf_counter() - start
+        if sampled is not None:
+            extra["sampled"] = sampled.estimate(time.perf_counter() - start, time.process_time() - cpu_start)
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
+    if args.method == "acdc" and args.sample_per_layer:  # a partial search: only its time means anything
+        print(json.dumps({"side": "auto-circuit", "method": "acdc-sampled", "seconds": extra["sampled"]["estimated_seconds"],
+                          "cpu_seconds": extra["sampled"]["estimated_cpu_seconds"],
+                          "peak_rss_mb": peak_rss_mb(), "rss_before_call_mb": before, "edges": None, "kept": None,
+                          "threads": torch.get_num_threads(), "tl_vs_hf_max_abs_logit_diff": tl_diff,
+                          "tl_vs_project_hf_max_abs_logit_diff": ref_diff, **extra}))
+        return
     scores: dict[str, float] = {}
     kept: set[str] | None = set() if args.method == "acdc" else None
     for edge in model.edges:
@@ -189,7 +264,8 @@ def main() -> None:
             value = 0.0
         scores[ours] = value
     write_scores(args.out, scores, meta, kept)
-    print(json.dumps({"side": "auto-circuit", "method": args.method, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
+    print(json.dumps({"side": "auto-circuit", "method": args.method, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "peak_rss_mb": peak_rss_mb(),
                       "rss_before_call_mb": before, "edges": len(scores), "kept": None if kept is None else len(kept),
                       "tl_vs_hf_max_abs_logit_diff": tl_diff,
                       "tl_vs_project_hf_max_abs_logit_diff": ref_diff, "threads": torch.get_num_threads(), **extra}))

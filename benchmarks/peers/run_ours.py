@@ -68,7 +68,7 @@ def main() -> None:
     before = peak_rss_mb()
     kept: set[str] | None = None
     extra: dict[str, object] = {}
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     if args.method == "eap":
         from circuits.methods.eap import eap
 
@@ -90,13 +90,13 @@ def main() -> None:
         kept = {str(g.edge_id(int(s), int(r))) for s, r in torch.nonzero(res.circuit.in_circuit).tolist()}
         extra = {"metric_circuit": res.metric, "metric_full": res.full_metric, "evaluations": res.evaluations,
                  "passes": res.passes}
-    seconds = time.perf_counter() - start
+    seconds, cpu_seconds = time.perf_counter() - start, time.process_time() - cpu_start
     values = result.flat().tolist()
     scores = {str(e): v for e, v in zip(g.edges(), values, strict=True)}
     method = args.method if args.order is None else "acdc-replay"
     write_scores(args.out, scores, {"side": "ours", "method": method}, kept)
-    print(json.dumps({"side": "ours", "method": method, "seconds": seconds, "peak_rss_mb": peak_rss_mb(),
-                      "rss_before_call_mb": before, "edges": g.n_edges, "kept": None if kept is None else len(kept),
+    print(json.dumps({"side": "ours", "method": method, "seconds": seconds, "cpu_seconds": cpu_seconds,
+                      "peak_rss_mb": peak_rss_mb(), "rss_before_call_mb": before, "edges": g.n_edges, "kept": None if kept is None else len(kept),
                       "threads": torch.get_num_threads(), **extra}))
 
 
