@@ -23,7 +23,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from benchmarks.common import peak_rss_mb  # noqa: E402  (stdlib only: importable from the peers venv)
+# benchmarks.common is stdlib only: importable from the peers venv
+from benchmarks.common import peak_rss_mb
 from benchmarks.peers.scorefile import read_scores, write_scores
 
 
