@@ -154,8 +154,8 @@ def bench_model(name: str, args: argparse.Namespace, peers_python: Path,
     }
     scores_dir = workdir / "scores"
     if args.no_eap:
-        if "eap" in previous:
-            record["eap"] = previous["eap"]
+        if "eap" in previous:  # kept from an earlier run: say when that was
+            record["eap"] = {"date": previous.get("date"), **previous["eap"]}
     else:
         reference = data.write_reference_logits(folder, data_file,
                                                 workdir / "data" / f"{name}-reference-logits.safetensors")
@@ -172,7 +172,7 @@ def bench_model(name: str, args: argparse.Namespace, peers_python: Path,
     if args.acdc:
         record["acdc"] = bench_acdc(name, folder, args, peers_python, scores_dir)
     elif "acdc" in previous:
-        record["acdc"] = previous["acdc"]
+        record["acdc"] = {"date": previous.get("date"), **previous["acdc"]}
     return record
 
 
