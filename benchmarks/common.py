@@ -55,7 +55,8 @@ def peak_rss_mb() -> float:
 def run_child(script: Path, args: list[str]) -> dict[str, Any]:
     """Run ``script --child ...`` in a fresh interpreter; it prints one JSON line last."""
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    out = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True, env=env)
+    out = subprocess.run([sys.executable, str(script), "--child", *args], capture_output=True, text=True, env=env,
+                         check=False)
     if out.returncode != 0:
         raise RuntimeError(f"child {args} failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -77,6 +78,33 @@ def record_study_run(run: dict[str, Any], model: str = "smollm2-135m") -> Path:
     study["runs"] = [r for r in study["runs"] if (r["task"], r["method"]) != (run["task"], run["method"])]
     study["runs"].append(run)
     return save("study_smollm2", study)
+
+
+def update_study_run(task: str, method: str, **fields: Any) -> Path:
+    """Add ``fields`` to the study run of ``task`` and ``method`` in study_smollm2.json (read again
+    right before writing, as ``record_study_run``)."""
+    path = RESULTS / "study_smollm2.json"
+    study = json.loads(path.read_text())
+    matches = [r for r in study["runs"] if (r["task"], r["method"]) == (task, method)]
+    if not matches:
+        raise SystemExit(f"study_smollm2.json has no {method} run on {task}")
+    matches[0].update(fields)
+    return save("study_smollm2", study)
+
+
+def read_study_scores(path: Path, task: Any, graph: Any) -> tuple[Any, dict[str, Any]]:
+    """A study run's ``scores.safetensors``: the scores [S, R] and their provenance, after checking
+    that they were made on ``task``'s dataset (name, hash, prompt count) and ``graph``'s shape."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        provenance = json.loads(f.metadata()["provenance"])
+        values = f.get_tensor("scores")
+    want = {"task": task.name, "dataset_sha256": task.dataset_hash(), "n_prompts": len(task)}
+    got = {k: provenance.get(k) for k in want}
+    if got != want or tuple(values.shape) != (graph.n_senders, graph.n_receivers):
+        raise SystemExit(f"{path} was made on {got}, not on {want}")
+    return values, provenance
 
 
 def smollm2_ioi(n_prompts: int, seed: int = 0, batch_size: int = 32, metric: str = "logit_diff"):

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import record_study_run, save
+from benchmarks.common import read_study_scores, record_study_run, save
 
 
 def candidate_scores(args, exp, task, graph):
@@ -41,15 +40,7 @@ def candidate_scores(args, exp, task, graph):
         from circuits.methods.registry import method
 
         return method(args.candidates_from).run(exp, False, steps=5, ig_variant="inputs").scores.values
-    from safetensors import safe_open
-
-    with safe_open(str(args.candidate_scores), "pt") as f:
-        provenance = json.loads(f.metadata()["provenance"])
-        values = f.get_tensor("scores")
-    want = {"task": task.name, "dataset_sha256": task.dataset_hash(), "n_prompts": len(task)}
-    got = {k: provenance.get(k) for k in want}
-    if got != want or tuple(values.shape) != (graph.n_senders, graph.n_receivers):
-        raise SystemExit(f"{args.candidate_scores} was made on {got}, not on {want}")
+    values, provenance = read_study_scores(args.candidate_scores, task, graph)
     args.candidates_from = provenance.get("method", args.candidates_from)
     return values
 
