@@ -19,6 +19,11 @@ three ways:
 The three must give the same metrics (checked). CPU seconds, medians of ``--repeats`` interleaved
 rounds; rebuilding the base run at a new layer is timed apart (ACDC does it once per layer).
 Writes benchmarks/results/acdc_trials.json.
+
+With ``--base-updates`` it times instead what ACDC does between passes: moving the base runs from
+each ``--layers`` layer's last receiver to its first by setting the decided columns, copying the
+base run at each receiver (as before 2026-12-08) and writing into it (``with_column(reuse=True)``);
+the two must give the same runs bitwise. Writes benchmarks/results/acdc_base_updates_<task>.json.
 """
 
 from __future__ import annotations
@@ -42,6 +47,30 @@ def cpu(fn):  # type: ignore[no-untyped-def]
     return time.process_time() - start, out
 
 
+def base_updates(g, down, ablated: torch.Tensor, layers: list[int], repeats: int) -> list[dict]:  # type: ignore[no-untyped-def]
+    """CPU seconds to move the base runs from a layer's last receiver to its first, setting every
+    decided column as ACDC does, with a copy of the base run per receiver and written in place."""
+    rows = []
+    for layer in layers:
+        last, first = g.mlp_receiver(layer), g.qkv_receivers(layer).start
+        times: dict[str, list[float]] = {"copy": [], "reuse": []}
+        results: dict[str, torch.Tensor] = {}
+        for _ in range(repeats):
+            for name, reuse in (("copy", False), ("reuse", True)):
+                down.reuse_base, down.layer = reuse, None  # a new base run at the layer's last receiver
+                down.start_receiver(ablated, last)
+                t, _ = cpu(lambda: down.start_receiver(ablated, first))  # noqa: B023
+                times[name].append(t)
+                results[name] = down.bases[0].senders.clone()
+        if not torch.equal(results["copy"], results["reuse"]):
+            raise SystemExit(f"layer {layer}: copying and reusing the base run give different runs")
+        med = {name: statistics.median(ts) for name, ts in times.items()}
+        rows.append({"layer": layer, "receivers": last - first, "seconds": med, "speedup": med["copy"] / med["reuse"]})
+        print(f"layer {layer}: {last - first} receivers set: copy {med['copy']:.2f} s, reuse {med['reuse']:.2f} s "
+              f"({med['copy'] / med['reuse']:.1f}x)", flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--task", default="greater-than")
@@ -52,6 +81,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 12, 20, 26])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--base-updates", action="store_true",
+                        help="instead: time moving the base runs through each layer's receivers, copying or reusing them")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -84,6 +115,11 @@ def main() -> None:
 
     record: dict = {"model": "smollm2-135m", "task": args.task, "prompts": args.prompts, "width": args.width,
                     "threads": args.threads, "circuit_edges": int(kept.sum()), "receivers": []}
+    if args.base_updates:
+        record = {**record, "layers": base_updates(g, down, ablated, args.layers, args.repeats)}
+        del record["width"], record["receivers"]
+        print(f"written to {save(f'acdc_base_updates_{args.task}', record)}")
+        return
     for layer in args.layers:
         r = g.mlp_receiver(layer)
         removed = torch.zeros_like(ablated)

@@ -55,11 +55,13 @@ def test_post_norm_models_are_not_supported() -> None:
     assert downstream.supports(build_spec(make_tiny("gpt2")))
 
 
+@pytest.mark.parametrize("reuse", [False, True])
 @pytest.mark.parametrize("name", ["gpt2", "llama-gqa", "neox-parallel", "mistral-window"])
-def test_updating_the_base_run_column_by_column_equals_a_fresh_run(name: str) -> None:
+def test_updating_the_base_run_column_by_column_equals_a_fresh_run(name: str, reuse: bool) -> None:
     """ACDC moves its base run from receiver to receiver with ``with_column``: after setting the
     columns of the logits, the last MLP and slots of the last two layers one by one, every sender
-    output, every receiver input and the logits equal those of a fresh run with the final mask."""
+    output, every receiver input and the logits equal those of a fresh run with the final mask,
+    whether each step copies the base run or writes into it (``reuse``, as ACDC does)."""
     spec = build_spec(make_tiny(name))
     g = spec.graph
     P, T = 2, 6
@@ -72,7 +74,7 @@ def test_updating_the_base_run_column_by_column_equals_a_fresh_run(name: str) ->
     later = range(g.qkv_receivers(g.n_layers - 2).start, g.n_receivers)
     for r in reversed(later):
         column = torch.rand(g.n_upstream[r], generator=gen) < 0.8
-        base = downstream.with_column(spec, base, r, column, values)
+        base = downstream.with_column(spec, base, r, column, values, reuse=reuse)
         mask[: column.shape[0], r] = column
     fresh = downstream.base_run(spec, ids, mask, values, read)
     assert torch.equal(base.mask, fresh.mask)
@@ -80,6 +82,29 @@ def test_updating_the_base_run_column_by_column_equals_a_fresh_run(name: str) ->
     assert torch.allclose(base.inputs, fresh.inputs, atol=2e-5)
     assert torch.allclose(base.patterns, fresh.patterns, atol=2e-5)
     assert not torch.allclose(base.inputs, downstream.base_run(spec, ids, mask & False, values, read).inputs, atol=1e-3)
+
+
+def test_with_column_leaves_the_base_run_alone_unless_asked_to_reuse_it() -> None:
+    """Without ``reuse`` the given base run is unchanged; with it the result is the same, written
+    into the given run's tensors."""
+    spec = build_spec(make_tiny("llama-gqa"))
+    g = spec.graph
+    ids, corrupted = random_ids(2, 6, seed=61), random_ids(2, 6, seed=62)
+    values = rt.corrupted_values(spec, corrupted)
+    read = torch.tensor([5, 4])
+    mask = torch.zeros(g.n_senders, g.n_receivers, dtype=torch.bool)
+    r = g.mlp_receiver(g.n_layers - 2)
+    column = torch.ones(g.n_upstream[r], dtype=torch.bool)  # every edge into the MLP ablated
+    base = downstream.base_run(spec, ids, mask, values, read)
+    senders, inputs = base.senders.clone(), base.inputs.clone()
+    copied = downstream.with_column(spec, base, r, column, values)
+    assert torch.equal(base.senders, senders) and torch.equal(base.inputs, inputs)
+    assert not torch.equal(copied.senders, senders)  # the column changed the run downstream
+    reused = downstream.with_column(spec, base, r, column, values, reuse=True)
+    assert reused.senders.data_ptr() == base.senders.data_ptr()
+    assert reused.inputs.data_ptr() == base.inputs.data_ptr()
+    assert torch.equal(reused.senders, copied.senders) and torch.equal(reused.inputs, copied.inputs)
+    assert torch.equal(reused.patterns, copied.patterns) and torch.equal(reused.mask, copied.mask)
 
 
 def test_trials_equal_to_the_base_run_change_nothing() -> None:

@@ -211,12 +211,14 @@ class _DownstreamEvaluator(_Evaluator):
         self.layer: int | None = None  # the layer of the base runs
         self.pending = 0  # the base runs have every column of this layer above this receiver set
         self.at_read_positions = True  # False: trials compute every node at every position (a baseline)
+        self.reuse_base = True  # False: each decided receiver copies the base run (a baseline)
 
     @staticmethod
     def fits(experiment: Experiment, evaluator: _Evaluator, cache_floats: int) -> bool:
         """Whether every batch is cached and its base run fits next to them in ``cache_floats``:
         the batches, every batch's base run (sender outputs, receiver inputs, attention patterns),
-        one more base run while a batch's is updated, and the transposed unembedding."""
+        room for one more (base runs are updated in place, so this is headroom for the trials'
+        changes and a new layer's base runs), and the transposed unembedding."""
         return _DownstreamEvaluator.why_not(experiment, evaluator, cache_floats) is None
 
     @staticmethod
@@ -257,7 +259,8 @@ class _DownstreamEvaluator(_Evaluator):
         for r in range(self.pending, receiver, -1):  # the receivers decided since
             column = removed[: g.n_upstream[r], r]
             for i, b in enumerate(self.batches):
-                self.bases[i] = downstream.with_column(spec, self.bases[i], r, column, b.ablation, self.memo)
+                self.bases[i] = downstream.with_column(spec, self.bases[i], r, column, b.ablation, self.memo,
+                                                       reuse=self.reuse_base)
         self.pending = receiver
 
     @torch.no_grad()
