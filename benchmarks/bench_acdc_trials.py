@@ -23,7 +23,8 @@ Writes benchmarks/results/acdc_trials.json.
 With ``--base-updates`` it times instead what ACDC does between passes: moving the base runs from
 each ``--layers`` layer's last receiver to its first by setting the decided columns, copying the
 base run at each receiver (as before 2026-12-08) and writing into it (``with_column(reuse=True)``);
-the two must give the same runs bitwise. Writes benchmarks/results/acdc_base_updates_<task>.json.
+the two must give the same base runs bitwise (sender outputs, receiver inputs, patterns, masks,
+every batch). Writes benchmarks/results/acdc_base_updates_<task>.json.
 """
 
 from __future__ import annotations
@@ -33,12 +34,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import save
+
+if TYPE_CHECKING:
+    from circuits.methods.acdc import _DownstreamEvaluator
+    from graphs.graph import ComputationGraph
 
 
 def cpu(fn):  # type: ignore[no-untyped-def]
@@ -47,22 +53,25 @@ def cpu(fn):  # type: ignore[no-untyped-def]
     return time.process_time() - start, out
 
 
-def base_updates(g, down, ablated: torch.Tensor, layers: list[int], repeats: int) -> list[dict]:  # type: ignore[no-untyped-def]
+def base_updates(g: ComputationGraph, down: _DownstreamEvaluator, ablated: torch.Tensor, layers: list[int],
+                 repeats: int) -> list[dict]:
     """CPU seconds to move the base runs from a layer's last receiver to its first, setting every
     decided column as ACDC does, with a copy of the base run per receiver and written in place."""
     rows = []
     for layer in layers:
         last, first = g.mlp_receiver(layer), g.qkv_receivers(layer).start
         times: dict[str, list[float]] = {"copy": [], "reuse": []}
-        results: dict[str, torch.Tensor] = {}
+        results: dict[str, list[tuple[torch.Tensor, ...]]] = {}
         for _ in range(repeats):
             for name, reuse in (("copy", False), ("reuse", True)):
                 down.reuse_base, down.layer = reuse, None  # a new base run at the layer's last receiver
                 down.start_receiver(ablated, last)
                 t, _ = cpu(lambda: down.start_receiver(ablated, first))  # noqa: B023
                 times[name].append(t)
-                results[name] = down.bases[0].senders.clone()
-        if not torch.equal(results["copy"], results["reuse"]):
+                results[name] = [(b.senders.clone(), b.inputs.clone(), b.patterns.clone(), b.mask.clone())
+                                 for b in down.bases]
+        if not all(torch.equal(x, y) for a, b in zip(results["copy"], results["reuse"], strict=True)
+                   for x, y in zip(a, b, strict=True)):
             raise SystemExit(f"layer {layer}: copying and reusing the base run give different runs")
         med = {name: statistics.median(ts) for name, ts in times.items()}
         rows.append({"layer": layer, "receivers": last - first, "seconds": med, "speedup": med["copy"] / med["reuse"]})

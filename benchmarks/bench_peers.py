@@ -25,7 +25,7 @@
    child records that order, and our ACDC is run once more in exactly that order
    (``benchmarks/peers/replay.py``, one evaluation per edge) to show whether the circuits differ
    only by the visiting order.
-   On SmolLM2 auto-circuit's whole search (123k edges, one forward each) would take about a day, so
+   On SmolLM2 auto-circuit's whole search (123k edges, one forward each) would take about two days, so
    its child visits only ``--acdc-sample-per-layer`` edges per layer (every mask stays full size) and
    its time is the sampled call plus, per unvisited edge, the mean trial forward of its layer. On
    the GPT-2 models the same estimate is also run and set against the measured whole search
@@ -58,6 +58,7 @@ from benchmarks.peers.scorefile import read_scores
 RESULTS = ROOT / "benchmarks" / "results" / "peers.json"
 PEERS_DIR = ROOT / "benchmarks" / "peers"
 SIDES = ("ours", "auto-circuit")
+CARRIED = ("date", "prompts", "batch", "repeats", "data", "data_file", "load_average_at_start")  # a run's settings
 
 
 def default_workdir() -> Path:
@@ -106,7 +107,7 @@ def run_pair(method: str, folder: Path, data_file: Path, batch: int, repeats: in
                 args += ["--sample-per-layer", str(sample_per_layer)]
             print(f"  {method} {side} ...", end=" ", flush=True)
             record = run_side(side, peers_python, args)
-            record["scores_file"] = str(out)
+            record["scores_file"] = None if side != "ours" and sample_per_layer else str(out)  # a sample writes none
             print(f"{record['seconds']:.2f} s, peak RSS {record['peak_rss_mb']:.0f} MB", flush=True)
             runs[side].append(record)
     summary: dict[str, dict[str, Any]] = {}
@@ -154,8 +155,8 @@ def bench_model(name: str, args: argparse.Namespace, peers_python: Path,
     }
     scores_dir = workdir / "scores"
     if args.no_eap:
-        if "eap" in previous:  # kept from an earlier run: say when that was
-            record["eap"] = {"date": previous.get("date"), **previous["eap"]}
+        if "eap" in previous:  # kept from an earlier run: with that run's date and settings
+            record["eap"] = {**{k: previous.get(k) for k in CARRIED}, **previous["eap"]}
     else:
         reference = data.write_reference_logits(folder, data_file,
                                                 workdir / "data" / f"{name}-reference-logits.safetensors")
@@ -182,7 +183,7 @@ def bench_acdc(name: str, folder: Path, args: argparse.Namespace, peers_python: 
 
     On the random GPT-2 models auto-circuit runs the whole search; the circuits are compared, and a
     sampled run of theirs checks the estimate used on SmolLM2. On SmolLM2 (123k edges, one forward
-    each: a day on this machine) auto-circuit visits ``--acdc-sample-per-layer`` edges per layer and its
+    each: about two days on this machine) auto-circuit visits ``--acdc-sample-per-layer`` edges per layer and its
     time is estimated from them; ours runs the whole search."""
     # auto-circuit's ACDC uses only the first batch: give both sides one batch of all its prompts
     acdc_file = args.workdir / "data" / f"{name}-ioi-n{args.acdc_prompts}-s{args.seed}.safetensors"
@@ -240,6 +241,8 @@ def print_table(results: dict[str, Any], models: list[str]) -> None:
     print("EAP: ours vs auto-circuit (ratios are theirs / ours; RSS = peak of the child process, MB)")
     print(head)
     for m in models:
+        if "eap" not in results[m]:  # an ACDC-only run (--no-eap) of a model never benchmarked for EAP
+            continue
         r = results[m]["eap"]
         a, o, t = r["agreement"], r["runs"]["ours"], r["runs"]["auto-circuit"]
         edges = f"{a['edges_ours']}/{a['edges_theirs']}/{a['edges_common']}"
@@ -280,7 +283,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1, help="child runs per side (medians are reported)")
     parser.add_argument("--acdc", action="store_true", help="also compare ACDC")
     parser.add_argument("--acdc-sample-per-layer", type=int, default=10,
-                        help="SmolLM2: edges per layer auto-circuit's ACDC visits to estimate its whole search")
+                        help="edges per layer auto-circuit's ACDC visits to estimate its whole search"
+                             " (SmolLM2; on the GPT-2 models, the estimate's check)")
     parser.add_argument("--no-eap", action="store_true", help="skip EAP (keep the model's last EAP record)")
     parser.add_argument("--acdc-prompts", type=int, default=4, help="prompts (one batch) for ACDC")
     parser.add_argument("--acdc-tau", type=float, default=1e-5,

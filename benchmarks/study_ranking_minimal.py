@@ -66,7 +66,7 @@ def main() -> None:
     heads = sorted(str(n) for n in circuit.nodes() if n.kind.value == "head")
     mlps = sum(1 for n in circuit.nodes() if n.kind.value == "mlp")
     record = {"target": args.target, "edges": circuit.n_edges, "edge_fraction": circuit.n_edges / g.n_edges,
-              "n_selected": search.n, "faithfulness": search.faithfulness.value, "heads": len(heads), "mlps": mlps,
+              "n_selected": search.n, "faithfulness": search.faithfulness.value, "heads": heads, "mlps": mlps,
               "points": [[p.n, p.n_edges, p.faithfulness] for p in search.points], "seconds": seconds}
     update_study_run(task.name, provenance["method"], ranking_minimal=record)
     print(f"{task.name}, {provenance['method']} ranking, {len(task)} prompts: minimal circuit at {args.target}:"

@@ -103,6 +103,7 @@ def test_with_column_leaves_the_base_run_alone_unless_asked_to_reuse_it() -> Non
     reused = downstream.with_column(spec, base, r, column, values, reuse=True)
     assert reused.senders.data_ptr() == base.senders.data_ptr()
     assert reused.inputs.data_ptr() == base.inputs.data_ptr()
+    assert reused.patterns.data_ptr() == base.patterns.data_ptr()
     assert torch.equal(reused.senders, copied.senders) and torch.equal(reused.inputs, copied.inputs)
     assert torch.equal(reused.patterns, copied.patterns) and torch.equal(reused.mask, copied.mask)
 
